@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Everything a user can get wrong (a config key, a data path, a checkpoint file) raises a subclass of
+`UserError`. The tools catch it, print its message as one paragraph and exit with status 2, so that
+a typo never ends in a traceback and never writes anything.
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input, reported without a traceback (exit status 2)."""
+
+
+class ConfigError(UserError):
+    """An unknown config key, a value of the wrong type or an invalid combination of values."""
+
+
+class DataError(UserError):
+    """A data path that does not exist, matches no shard, or holds no usable samples."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read, is unsafe to unpickle, or does not fit the model."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is left untouched."""
