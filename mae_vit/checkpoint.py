@@ -1,0 +1,190 @@
+"""Reading and writing model weights.
+
+`load_weights(model, source)` is the one entry point for every format a user holds:
+- this project's runs (a run directory: its exported `.safetensors`, else the newest checkpoint),
+- official MAE `.pth` files (pretrain full / encoder-only, visualize, fine-tuned, linear probe),
+- timm ViT state dicts, and any `.safetensors` file.
+It unwraps `model` / `state_dict`, strips `module.` and `_orig_mod.` prefixes, resizes position
+embeddings to the model's grid (2-D bicubic, as the official `interpolate_pos_embed`) and reports
+missing and unexpected keys by name.
+
+Safety: pickled files are read with `torch.load(weights_only=True)`. A file that needs arbitrary code
+to unpickle is refused with a `CheckpointError`; its payload never runs. `argparse.Namespace` (the
+`args` entry of official training checkpoints) is the one extra type allowed: it only holds values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CheckpointError
+from .layers import resize_pos_embed
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
+PREFIXES = ("module.", "_orig_mod.")
+EXPORT_NAME = "model.safetensors"  # what a pretraining / fine-tuning run exports into its directory
+
+
+@dataclass
+class LoadReport:
+    """What `load_weights` did: keys the model kept at their own values, keys ignored, resizes."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # present but of another shape (e.g. a new head)
+
+    def __str__(self) -> str:
+        parts = []
+        for label, keys in (("missing (kept as initialised)", self.missing), ("unexpected (ignored)", self.unexpected),
+                            ("resized", self.resized), ("shape differs, kept as initialised", self.skipped)):
+            if keys:
+                parts.append(f"{label}: {_summarise(keys)}")
+        return "; ".join(parts) if parts else "all keys matched"
+
+
+def _summarise(keys: list[str]) -> str:
+    """Collapse `blocks.3.attn.qkv.weight`-style lists into a readable line."""
+    shown = ", ".join(keys[:8])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
+def _find_in_run_dir(path: Path) -> Path:
+    """A run directory -> its exported weights, else the model file of its newest checkpoint."""
+    export = path / EXPORT_NAME
+    if export.is_file():
+        return export
+    ckpts = sorted((path / "checkpoints").glob("step_*"), key=lambda p: p.name) if (path / "checkpoints").is_dir() else []
+    for ckpt in reversed(ckpts):
+        if (ckpt / "COMPLETE").exists():
+            for name in ("model.safetensors", "pytorch_model.bin"):
+                if (ckpt / name).is_file():
+                    return ckpt / name
+    candidates = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
+    if len(candidates) == 1:
+        return candidates[0]
+    raise CheckpointError(
+        f"{path} is a directory without weights this toolkit can find: expected {EXPORT_NAME}, a completed "
+        "checkpoints/step_* folder, or exactly one .safetensors/.pth/.pt file. Pass the weights file itself."
+    )
+
+
+def read_file(path: str | os.PathLike) -> dict:
+    """Read a weights file (or a run directory) safely into a dict, without unwrapping."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (a file or a run directory).")
+    if path.is_dir():
+        path = _find_in_run_dir(path)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{path} is not a readable .safetensors file ({e}).") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        if not unsafe:
+            raise CheckpointError(f"{path} is not a readable checkpoint (it is not a PyTorch or pickle file).") from None
+        raise CheckpointError(
+            f"refused to load {path}: unpickling it would call code that is not plain tensors and containers "
+            f"({unsafe[0][:200]}). Such a file can run arbitrary code, so it is never executed here. If you trust "
+            "it, re-save its state dict with torch.save(state_dict) or as .safetensors."
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}).") from None
+
+
+def to_state_dict(obj) -> dict[str, torch.Tensor]:
+    """Unwrap `{'model': ...}` / `{'state_dict': ...}` layers and strip DDP / compile prefixes."""
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("the checkpoint holds no tensors under 'model', 'state_dict' or at its top level.")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_weights(model: nn.Module, source, *, strict: bool = False, verbose: bool = True) -> LoadReport:
+    """Load `source` (path, run directory or state dict) into `model`; returns a `LoadReport`.
+
+    Position embeddings of another grid are resized (`pos_embed` bicubic; the fixed
+    `decoder_pos_embed` keeps the model's own table). A classifier head of another shape is left at
+    its zero initialisation (fine-tuning on a new label set). Any other shape mismatch is an error.
+    With `strict`, missing or unexpected keys are an error too.
+    """
+    sd = to_state_dict(read_file(source) if not isinstance(source, dict) else source)
+    own = model.state_dict()
+    report = LoadReport()
+    for key in list(sd):
+        if key not in own or sd[key].shape == own[key].shape:
+            continue
+        if key == "pos_embed" and hasattr(model, "grid_size"):
+            sd[key] = resize_pos_embed(sd[key], model.grid_size)
+            if sd[key].shape != own[key].shape:
+                raise CheckpointError(f"pos_embed of shape {tuple(sd[key].shape)} cannot be resized to {tuple(own[key].shape)}.")
+            report.resized.append(key)
+        elif key == "decoder_pos_embed" or key.startswith("head."):
+            report.skipped.append(key)
+            del sd[key]
+        else:
+            raise CheckpointError(
+                f"checkpoint key {key} has shape {tuple(sd[key].shape)} but the model expects {tuple(own[key].shape)}: "
+                "the checkpoint is for another model size, patch size or channel count. Build the matching model "
+                "(model.name, model.patch_size, model.in_chans) or pick the matching checkpoint."
+            )
+    result = model.load_state_dict(sd, strict=False)
+    report.missing = [k for k in result.missing_keys if k not in report.skipped]
+    report.unexpected = list(result.unexpected_keys)
+    if strict and (report.missing or report.unexpected):
+        raise CheckpointError(f"checkpoint does not match the model exactly: {report}.")
+    if verbose:
+        if any(k.startswith("decoder") for k in report.missing):
+            log.warning("the checkpoint has no decoder weights (an encoder-only file such as mae_pretrain_vit_base.pth?): "
+                        "the decoder keeps its fresh initialisation")
+        log.info("loaded weights: %s", report)
+    return report
+
+
+def export_safetensors(model_or_sd, path: str | os.PathLike) -> Path:
+    """Write weights as `.safetensors` atomically (temp file in the same folder, then rename)."""
+    sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_state_dict(sd).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(sd, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,145 @@
+"""Optimizer parameter groups (weight-decay exclusions, layer-wise lr decay) and the LARS optimizer.
+
+Groups follow the official MAE recipes: biases, norm weights and the token / position-embedding
+parameters get no weight decay; with layer decay (fine-tuning) each transformer block gets its own
+lr scale, shrinking geometrically from the head down to the patch embedding. Every group carries an
+`lr_scale` that the training loop applies each step: `group["lr"] = lr * group["lr_scale"]`
+(`set_lr` does exactly that).
+"""
+
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "dist_token", "decoder_pos_embed")
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of a ViT parameter for layer decay: 0 for embeddings, i+1 for blocks.i, num_layers+1 above.
+
+    `name` is as given by model.named_parameters() of a model whose transformer blocks are `blocks`.
+    """
+    if name in ("cls_token", "pos_embed") or name.split(".")[0] == "patch_embed":
+        return 0
+    parts = name.split(".")
+    if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
+        return int(parts[1]) + 1
+    return num_layers + 1
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    layer_decay: float = 1.0,
+    num_layers: Optional[int] = None,
+    no_decay: Sequence[str] = NO_DECAY_NAMES,
+) -> List[Dict]:
+    """Trainable parameters of `model` split into optimizer groups.
+
+    No weight decay for 1-D parameters (biases, norm weights) and for parameters whose last name
+    component is in `no_decay`. Frozen parameters (requires_grad False) are left out. With
+    layer_decay < 1, a parameter at depth `layer_id(name, num_layers)` gets lr_scale
+    layer_decay ** (num_layers + 1 - id); num_layers defaults to len(model.blocks).
+    Returns non-empty groups ordered by depth, decayed before non-decayed, each
+    {"params": [...], "weight_decay": float, "lr_scale": float}.
+    """
+    use_layers = layer_decay != 1.0
+    if use_layers and num_layers is None:
+        if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
+            raise ValueError("layer decay needs num_layers or a model with a `blocks` ModuleList")
+        num_layers = len(model.blocks)
+
+    groups: Dict[Tuple[int, bool], Dict] = {}  # (depth, decayed?) -> group
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decayed = param.ndim > 1 and name.split(".")[-1] not in no_decay
+        depth = layer_id(name, num_layers) if use_layers else 0
+        scale = layer_decay ** (num_layers + 1 - depth) if use_layers else 1.0
+        group = groups.setdefault(
+            (depth, decayed), {"params": [], "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+        )
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to lr * its lr_scale (1.0 for groups without one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling with momentum, as used for MAE linear probing.
+
+    Per parameter with a gradient, for weights (ndim > 1):
+        dp = grad + weight_decay * p
+        dp = dp * trust_coefficient * ||p|| / ||dp||    (factor 1 when either norm is 0)
+    1-D parameters (biases, norms) use dp = grad. Then
+        mu = momentum * mu + dp    (mu starts at 0)
+        p  = p - lr * mu
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
+        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1 or trust_coefficient <= 0:
+            raise ValueError(
+                f"LARS needs lr >= 0, weight_decay >= 0, 0 <= momentum < 1 and trust_coefficient > 0; got "
+                f"lr={lr}, weight_decay={weight_decay}, momentum={momentum}, trust_coefficient={trust_coefficient}"
+            )
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(dp)
+                    ratio = group["trust_coefficient"] * param_norm / update_norm
+                    trust = torch.where((param_norm > 0) & (update_norm > 0), ratio, torch.ones_like(ratio))
+                    dp = dp.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(dp)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(
+    kind: str,
+    groups: List[Dict],
+    *,
+    lr: float,
+    betas: Sequence[float] = (0.9, 0.999),
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """AdamW ("adamw", with `betas`) or LARS ("lars", with `momentum`) over `groups` from param_groups.
+
+    Each group's weight decay comes from the group; its initial lr is lr * lr_scale.
+    """
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])))
+    if kind == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer kind {kind!r}; expected 'adamw' or 'lars'")

@@ -1,0 +1,77 @@
+"""Learning-rate schedule and batch arithmetic, as pure functions of their arguments.
+
+The schedule is the one of the official MAE recipes (pretraining, fine-tuning and linear probing):
+linear warmup from 0 to the peak, then a half-cycle cosine down to `min_lr`. MAE evaluates it at
+fractional epochs once per iteration; here it is a function of the optimizer step, which draws the
+same curve. The peak follows the linear scaling rule lr = base_lr * effective_batch / 256.
+"""
+
+import math
+from typing import Optional, Tuple
+
+from mae_vit.errors import ConfigError
+
+
+def lr_at(step: float, *, peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate at optimizer step `step` (0-based).
+
+    step < warmup_steps:           peak_lr * step / warmup_steps            (0 at step 0)
+    warmup_steps <= step < total:  min_lr + (peak_lr - min_lr) * (1 + cos(pi * t)) / 2,
+                                   t = (step - warmup_steps) / (total_steps - warmup_steps)
+    step >= total_steps:           min_lr
+    """
+    if step < 0 or warmup_steps < 0 or total_steps < 0:
+        raise ValueError(f"lr_at needs non-negative steps, got step={step}, warmup_steps={warmup_steps}, "
+                         f"total_steps={total_steps}")
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_steps(epochs: float, warmup_epochs: float, steps_per_epoch: int) -> Tuple[int, int]:
+    """(warmup_steps, total_steps) for a schedule given in epochs of `steps_per_epoch` optimizer steps.
+
+    Fractional epochs are allowed; both counts are rounded to the nearest whole step.
+    """
+    if steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+    return round(warmup_epochs * steps_per_epoch), round(epochs * steps_per_epoch)
+
+
+def scaled_lr(base_lr: float, effective_batch: int) -> float:
+    """The linear scaling rule of MAE: base_lr is the lr for a batch of 256 images."""
+    return base_lr * effective_batch / 256
+
+
+def accumulation_steps(effective_batch: Optional[int], batch_size: int, world_size: int) -> int:
+    """Micro-batches accumulated per optimizer step so that one step sees `effective_batch` images.
+
+    Each step sees batch_size x world_size images per micro-batch, so `effective_batch` must be a
+    whole multiple of that; None means no accumulation (1). Raises ConfigError otherwise, saying
+    which numbers would work.
+    """
+    per_micro_batch = batch_size * world_size
+    if effective_batch is None:
+        return 1
+    if effective_batch <= 0 or per_micro_batch <= 0:
+        raise ConfigError(
+            f"optim.effective_batch ({effective_batch}), data.batch_size ({batch_size}) and the number of "
+            f"processes ({world_size}) must all be positive."
+        )
+    if effective_batch % per_micro_batch == 0:
+        return effective_batch // per_micro_batch
+    below = effective_batch // per_micro_batch * per_micro_batch
+    nearest = [n for n in (below, below + per_micro_batch) if n > 0]  # closest multiples on each side
+    options = "optim.effective_batch=" + " or ".join(map(str, nearest))
+    if effective_batch % world_size == 0:
+        per_process = effective_batch // world_size
+        divisors = [d for d in range(min(batch_size, per_process), 0, -1) if per_process % d == 0][:3]
+        options += f", or data.batch_size={' / '.join(map(str, divisors))} (divisors of {per_process})"
+    raise ConfigError(
+        f"optim.effective_batch={effective_batch} is not a multiple of data.batch_size x processes = "
+        f"{batch_size} x {world_size} = {per_micro_batch}, so it cannot be reached by accumulating whole "
+        f"micro-batches. Use {options}."
+    )

@@ -1,0 +1,41 @@
+"""Multi-head self-attention with a fused kernel and an eager fallback.
+
+The fused path is `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient
+kernels where the device has them). The eager path computes the same softmax(QK^T / sqrt(d)) V
+explicitly; it is used when the attention weights are wanted (visualisation) and is tested for
+parity with the fused one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """(B, T, D) -> (B, T, D). q, k, v come from one fused `qkv` Linear, stacked in that order."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, fused: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused = fused
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        attn = None
+        if self.fused and not return_attention:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
+            x = attn @ v
+        x = self.proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return (x, attn) if return_attention else x

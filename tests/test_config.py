@@ -1,0 +1,331 @@
+"""Config schema and command line: merge order, shorthand flags, errors, --help, run_tool, save_config."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from mae_vit.cli import run_tool
+from mae_vit.config import (
+    EvaluateConfig,
+    FinetuneConfig,
+    LinprobeConfig,
+    MakeShardsConfig,
+    PretrainConfig,
+    VisualizeConfig,
+    parse_config,
+    save_config,
+)
+from mae_vit.errors import ConfigError, DataError
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+# ------------------------------------------------------------------ defaults and merge order
+
+
+def test_defaults_per_tool():
+    pre = parse_config(PretrainConfig, [])
+    assert pre.model.name == "mae_vit_tiny_patch4" and pre.optim.base_lr == 1.5e-4
+    assert list(pre.optim.betas) == [0.9, 0.95] and pre.train.output_dir == "runs/pretrain"
+
+    fin = parse_config(FinetuneConfig, [])
+    assert fin.model.name == "vit_tiny_patch4"
+    assert (fin.optim.base_lr, fin.optim.layer_decay, fin.optim.epochs) == (5e-4, 0.75, 100)
+    assert (fin.optim.warmup_epochs, fin.optim.min_lr, list(fin.optim.betas)) == (5, 1e-6, [0.9, 0.999])
+    assert fin.train.output_dir == "runs/finetune" and fin.augment.mixup == 0.8 and fin.resolution is None
+
+    lin = parse_config(LinprobeConfig, [])
+    assert lin.model.global_pool is False and list(lin.data.crop_scale) == [0.08, 1.0]
+    assert (lin.optim.base_lr, lin.optim.weight_decay, lin.optim.epochs, lin.optim.warmup_epochs) == (0.1, 0, 90, 10)
+    assert lin.feature_cache is False and lin.train.output_dir == "runs/linprobe"
+
+    ev = parse_config(EvaluateConfig, [])
+    assert list(ev.metrics) == ["top1", "knn", "fewshot"] and list(ev.fewshot.shots) == [1, 5, 10, 25]
+    vis = parse_config(VisualizeConfig, [])
+    assert list(vis.mask_ratios) == [0.5, 0.75, 0.9] and vis.output_dir == "runs/visualize"
+    shards = parse_config(MakeShardsConfig, [])
+    assert (shards.source, shards.samples_per_shard, shards.max_shard_bytes) == ("synthetic", 1000, 100_000_000)
+
+
+def test_defaults_of_one_tool_do_not_leak_into_another():
+    parse_config(FinetuneConfig, ["optim.epochs=30"])
+    assert parse_config(FinetuneConfig, []).optim.epochs == 100
+    assert parse_config(PretrainConfig, []).optim.epochs == 800
+
+
+def test_merge_order_defaults_then_yaml_then_cli(tmp_path):
+    path = write(tmp_path / "c.yaml", "optim:\n  lr: 0.01\n  epochs: 70\ndata:\n  batch_size: 16\n")
+    cfg = parse_config(PretrainConfig, ["optim.lr=0.02", "--config", path])
+    assert cfg.optim.lr == 0.02            # CLI beats YAML, wherever --config stands
+    assert cfg.optim.epochs == 70           # YAML beats default
+    assert cfg.data.batch_size == 16
+    assert cfg.optim.min_lr == 0.0         # untouched default
+    # two files: the later one wins; the CLI still wins over both
+    path2 = write(tmp_path / "d.yaml", "optim: {epochs: 90}\n")
+    cfg = parse_config(PretrainConfig, ["--config", path, f"--config={path2}", "data.batch_size=4"])
+    assert (cfg.optim.epochs, cfg.optim.lr, cfg.data.batch_size) == (90, 0.01, 4)
+
+
+def test_cli_values_are_yaml():
+    cfg = parse_config(
+        FinetuneConfig,
+        ["optim.betas=[0.8,0.9]", "optim.lr=1e-3", "model.num_classes=5", "model.num_classes=null",
+         "data.train=123", "train.resume=false", "optim.clip_grad=1"],
+    )
+    assert list(cfg.optim.betas) == [0.8, 0.9]
+    assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.num_classes is None   # the later override wins
+    assert cfg.data.train == "123"         # numbers become strings for str keys
+    assert cfg.train.resume is False and cfg.optim.clip_grad == 1.0
+
+
+def test_result_is_struct_mode():
+    cfg = parse_config(PretrainConfig, [])
+    with pytest.raises(Exception):
+        cfg.optim.lrr = 1.0
+
+
+# ------------------------------------------------------------------ shorthand flags
+
+
+def test_shorthand_flags_both_spellings():
+    cfg = parse_config(
+        FinetuneConfig,
+        ["--output-dir", "out/a", "--data=shards/{0..3}.tar", "--checkpoint", "ck.pt", "--resolution=48",
+         "--num-classes", "7"],
+    )
+    assert cfg.train.output_dir == "out/a" and cfg.data.train == "shards/{0..3}.tar"
+    assert (cfg.checkpoint, cfg.resolution, cfg.model.num_classes) == ("ck.pt", 48, 7)
+
+
+def test_output_dir_flag_maps_to_each_tools_key():
+    assert parse_config(EvaluateConfig, ["--output-dir", "e"]).output_dir == "e"
+    assert parse_config(VisualizeConfig, ["--output-dir=v", "--checkpoint", "m.pt"]).checkpoint == "m.pt"
+    assert parse_config(LinprobeConfig, ["--output-dir", "l"]).train.output_dir == "l"
+    assert parse_config(MakeShardsConfig, ["--output-dir", "s", "--source", "img"]).output_dir == "s"
+
+
+def test_flags_and_keys_apply_left_to_right():
+    assert parse_config(PretrainConfig, ["--output-dir", "a", "train.output_dir=b"]).train.output_dir == "b"
+    assert parse_config(PretrainConfig, ["train.output_dir=b", "--output-dir", "a"]).train.output_dir == "a"
+
+
+def test_checkpoint_flag_only_where_declared():
+    with pytest.raises(ConfigError, match="unknown flag '--checkpoint'"):
+        parse_config(PretrainConfig, ["--checkpoint", "x.pt"])
+    with pytest.raises(ConfigError, match="unknown flag '--resolution'"):
+        parse_config(LinprobeConfig, ["--resolution", "64"])
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["optim.lrr=0.1"], ["unknown config key 'optim.lrr' (from the command line)", "optim.lr, optim.min_lr"]),
+        (["lr=0.1"], ["unknown config key 'lr'", "Did you mean: optim.lr"]),
+        (["optim.epochs=abc"], ["'optim.epochs' (from the command line) must be an integer", "'abc'"]),
+        (["optim.betas=0.9"], ["'optim.betas'", "a list of numbers"]),
+        (["model.name=null"], ["'model.name'", "must be a string", "null"]),
+        (["optim=3"], ["'optim'", "is a section"]),
+        (["foo"], ["'foo'", "key=value"]),
+        (["=3"], ["'=3'", "key=value"]),
+        (["optim.betas=[0.9,"], ["'optim.betas'", "not valid YAML"]),
+        (["--ouput-dir", "x"], ["unknown flag '--ouput-dir'", "Did you mean: --output-dir"]),
+        (["--optim.lr=3"], ["unknown flag '--optim.lr'", "optim.lr=VALUE"]),
+        (["--data"], ["--data needs a value"]),
+        (["train.mixed_precision=fp32"], ["train.mixed_precision", "'fp32'", "no, fp16, bf16"]),
+        (["model.pos_embed=rope"], ["model.pos_embed", "sincos, learned"]),
+        (["model.mask_ratio=1.0"], ["model.mask_ratio", "[0, 1)"]),
+        (["model.mask_ratio=-0.1"], ["model.mask_ratio"]),
+        (["data.batch_size=0"], ["data.batch_size", "positive"]),
+        (["optim.epochs=-5"], ["optim.epochs", "positive"]),
+        (["data.crop_scale=[0.5,0.2]"], ["data.crop_scale", "two increasing numbers in (0, 1]"]),
+        (["data.crop_scale=[0,1]"], ["data.crop_scale"]),
+        (["data.crop_scale=[0.2,1.5]"], ["data.crop_scale"]),
+        (["data.crop_scale=[0.2]"], ["data.crop_scale"]),
+        (["data.mean=[0.5]"], ["data.mean has 1 value(s) but data.std has 3"]),
+        (["data.mean=[0.5]", "data.std=[0.5]"], ["model.in_chans is 3", "model.in_chans=1"]),
+        (["optim.warmup_epochs=900"], ["optim.warmup_epochs", "optim.epochs"]),
+        (["optim.betas=[0.9]"], ["optim.betas", "two numbers"]),
+        (["optim.layer_decay=0"], ["optim.layer_decay"]),
+    ],
+)
+def test_command_line_errors_name_the_key(argv, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(PretrainConfig, argv)
+    message = str(info.value)
+    for text in expected:
+        assert text in message
+    assert "\n" not in message  # one paragraph
+
+
+def test_valid_edge_values_pass():
+    cfg = parse_config(
+        PretrainConfig,
+        ["model.mask_ratio=0", "data.crop_scale=[1.0,1.0]", "optim.warmup_epochs=800", "model.in_chans=1",
+         "data.mean=[0.5]", "data.std=[0.25]"],
+    )
+    assert cfg.model.mask_ratio == 0 and list(cfg.data.std) == [0.25]
+
+
+def test_per_tool_value_checks():
+    with pytest.raises(ConfigError, match="'metrics'"):
+        parse_config(EvaluateConfig, ["metrics=[top1,top5]"])
+    with pytest.raises(ConfigError, match="'mask_ratios'"):
+        parse_config(VisualizeConfig, ["mask_ratios=[0.5,1.0]"])
+    with pytest.raises(ConfigError, match="'resolution'"):
+        parse_config(FinetuneConfig, ["--resolution", "0"])
+    with pytest.raises(ConfigError, match="'samples_per_shard'"):
+        parse_config(MakeShardsConfig, ["samples_per_shard=0"])
+    with pytest.raises(ConfigError, match="'prefix'"):
+        parse_config(MakeShardsConfig, ["prefix=a/b"])
+
+
+def test_yaml_unknown_key_names_file_and_suggests(tmp_path):
+    path = write(tmp_path / "bad.yaml", "optim:\n  weight_decy: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(PretrainConfig, ["--config", path])
+    assert f"'optim.weight_decy' (in config file '{path}')" in str(info.value)
+    assert "Did you mean: optim.weight_decay" in str(info.value)
+
+
+def test_yaml_unknown_section_suggests_full_key(tmp_path):
+    path = write(tmp_path / "bad.yaml", "optimm:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"'optimm\.lr'.*Did you mean: optim\.lr"):
+        parse_config(PretrainConfig, ["--config", path])
+
+
+def test_yaml_wrong_type_names_file(tmp_path):
+    path = write(tmp_path / "bad.yaml", "data:\n  batch_size: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"'data\.batch_size' \(in config file .*bad\.yaml'\) must be an integer"):
+        parse_config(PretrainConfig, ["--config", path])
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "does not exist"),
+        ("optim: [1, 2\n", "is not valid YAML"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+    ],
+)
+def test_bad_yaml_files(tmp_path, content, expected):
+    path = tmp_path / "c.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        parse_config(PretrainConfig, ["--config", str(path)])
+    assert expected in str(info.value) and str(path) in str(info.value)
+
+
+def test_config_flag_pointing_at_directory(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        parse_config(PretrainConfig, ["--config", str(tmp_path)])
+
+
+def test_empty_yaml_is_no_change(tmp_path):
+    path = write(tmp_path / "empty.yaml", "")
+    assert parse_config(PretrainConfig, ["--config", path]) == parse_config(PretrainConfig, [])
+
+
+# ------------------------------------------------------------------ --help
+
+
+def test_help_lists_flags_and_every_key_with_default_and_comment(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_config(FinetuneConfig, ["optim.lr=0.1", "--help"], prog="finetune")
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: finetune")
+    for flag in ("--config FILE", "--output-dir DIR", "--data URLS", "--checkpoint PATH", "--resolution N",
+                 "--num-classes K"):
+        assert flag in out
+    assert "same as model.num_classes=..." in out
+    lines = {line.split("=")[0].strip(): line for line in out.splitlines() if " = " in line}
+    assert "0.0005" in lines["optim.base_lr"] and "lr = base_lr * effective_batch / 256" in lines["optim.base_lr"]
+    assert "[0.9, 0.999]" in lines["optim.betas"]
+    assert "reached by gradient accumulation" in lines["optim.effective_batch"]
+    assert "null" in lines["checkpoint"]
+    # every leaf key of the schema appears once
+    keys = [k for k in lines]
+    assert len(keys) == len(set(keys)) == 11 + 14 + 11 + 6 + 11 + 2
+
+
+def test_short_help_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_config(MakeShardsConfig, ["-h"], prog="make_shards")
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--source SRC" in out and "samples_per_shard = 1000" in out
+
+
+# ------------------------------------------------------------------ run_tool
+
+
+def test_run_tool_turns_config_error_into_exit_2(capsys):
+    def main(argv):
+        parse_config(PretrainConfig, argv)
+
+    with pytest.raises(SystemExit) as info:
+        run_tool(main, ["optim.lrr=0.1"])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: unknown config key 'optim.lrr'")
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert all(len(line) <= 100 for line in captured.err.splitlines())
+
+
+def test_run_tool_wraps_long_messages_to_100_columns(capsys):
+    def main(argv):
+        raise DataError("word " * 60)
+
+    with pytest.raises(SystemExit) as info:
+        run_tool(main, [])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) > 2 and all(len(line) <= 100 for line in lines)
+
+
+def test_run_tool_passes_argv_and_result_and_other_errors():
+    assert run_tool(lambda argv: argv, ["a=1"]) == ["a=1"]
+
+    def buggy(argv):
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError):  # programming errors keep their traceback
+        run_tool(buggy, [])
+
+
+def test_run_tool_keyboard_interrupt_exits_130(capsys):
+    def main(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as info:
+        run_tool(main, [])
+    assert info.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ save_config
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = parse_config(FinetuneConfig, ["optim.lr=0.003", "--num-classes", "4", "data.mean=[0.1,0.2,0.3]"])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, path)
+    assert OmegaConf.to_container(OmegaConf.load(path))["optim"]["lr"] == 0.003
+    again = parse_config(FinetuneConfig, ["--config", str(path)])
+    assert again == cfg
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+def test_save_config_replaces_existing_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("old: true\n")
+    save_config(parse_config(PretrainConfig, ["train.seed=5"]), path)
+    assert "old" not in path.read_text()
+    assert parse_config(PretrainConfig, ["--config", str(path)]).train.seed == 5
