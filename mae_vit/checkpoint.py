@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,12 +98,12 @@ def read_file(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        unsafe = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        unsafe = re.findall(r"GLOBAL ([\w.]+)", str(e))
         if not unsafe:
             raise CheckpointError(f"{path} is not a readable checkpoint (it is not a PyTorch or pickle file).") from None
         raise CheckpointError(
-            f"refused to load {path}: unpickling it would call code that is not plain tensors and containers "
-            f"({unsafe[0][:200]}). Such a file can run arbitrary code, so it is never executed here. If you trust "
+            f"refused to load {path}: unpickling it would call {unsafe[0]}, which is not part of plain tensors and "
+            "containers. Such a file can run arbitrary code, so it is never executed here. If you trust "
             "it, re-save its state dict with torch.save(state_dict) or as .safetensors."
         ) from None
     except Exception as e:
