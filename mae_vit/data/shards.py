@@ -1,0 +1,434 @@
+"""Read WebDataset tar shards as a PyTorch IterableDataset and DataLoader, for one or many ranks.
+
+Splitting (details in `mae_vit.data.split`): shards are shuffled by (seed, epoch) identically on every
+rank, dealt to ranks, then to DataLoader workers. With at least world_size x num_workers shards each
+process reads whole shards; with fewer, processes read shared shards and keep every n-th sample
+(sample-level split), so an epoch reads every sample exactly once either way. Within a process the
+samples pass a shuffle buffer seeded by (seed, epoch, rank, worker); `shuffle=False` keeps file order.
+
+Pipeline per process: read tar members (webdataset's tar iteration) -> group into samples -> keep
+this process's samples -> shuffle buffer -> skip (resume) -> decode image (PIL, to "RGB" or "L" by
+in_chans) and label (`cls` text) -> transform -> yield.
+
+Bad data never stops a run: a sample that cannot be decoded (corrupt bytes, no image, bad label)
+and a shard that cannot be read (missing, not a tar, truncated) are skipped, logged (a warning per
+bad shard; per bad sample up to a few) and COUNTED. Samples lost inside a damaged shard are counted
+when the shard index says how many there should be. The counts travel in band with the data, since
+decoding runs in DataLoader worker processes: each worker batches its own samples (as a DataLoader
+does anyway) and every batch carries `skipped` (samples) and `skipped_shards` counted since the
+worker's previous batch; what is left when the worker ends comes as a count-only record
+`{"skipped": n, "skipped_shards": m}`, which `ShardLoader` folds into a neighbouring batch (it holds
+one batch back for that). So the batches of an epoch add up to every skip of the epoch -- unless the
+rank got no batch at all, in which case the counts are only logged.
+
+Batches (from `make_loader`) are plain dicts: `image` float (B, C, H, W), `label` long (B,) when
+with_labels, `key` list[str], `skipped` int, `skipped_shards` int.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import random
+from typing import Callable, Generator, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms.v2 import functional as TF
+from webdataset.gopen import gopen
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from mae_vit.data.split import assign, kept_in_range, resume_plan, worker_batch_counts, worker_sample_counts
+from mae_vit.data.urls import expand_urls, read_index, shard_sample_counts
+from mae_vit.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "pnm", "tif", "tiff", "gif")
+_MAX_SAMPLE_WARNINGS = 5
+
+
+class _SkipCounter:
+    """Skips counted in one worker since its last yield."""
+
+    def __init__(self):
+        self.samples = 0
+        self.shards = 0
+
+    def drain(self) -> tuple[int, int]:
+        counts = (self.samples, self.shards)
+        self.samples = self.shards = 0
+        return counts
+
+
+def _check_common(rank: int, world_size: int, in_chans: int, shuffle_buffer: int) -> None:
+    if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ConfigError(
+            f"rank must be in [0, world_size) and world_size >= 1; got rank={rank}, world_size={world_size}."
+        )
+    if in_chans not in (1, 3):
+        raise ConfigError(f"in_chans must be 1 (grey) or 3 (RGB), got {in_chans!r}.")
+    if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+        raise ConfigError(f"shuffle_buffer must be an integer >= 0, got {shuffle_buffer!r}.")
+
+
+class ShardDataset(IterableDataset):
+    """This rank's share of the shards, as batches (batch_size set) or single samples (batch_size None).
+
+    Yields batch dicts (see module doc) or samples `{"image", "label"?, "key", "skipped",
+    "skipped_shards"}`, and possibly a final count-only record `{"skipped", "skipped_shards"}` (see
+    module doc; `ShardLoader` and `collate_samples` handle it). urls: a spec for `expand_urls` (or a
+    list of them). transform: PIL image -> tensor (default: float in [0, 1]). With batch_size, each
+    worker makes its own batches and drop_last drops its last partial one.
+
+    skip_batches (resume inside an epoch): leave out the first `skip_batches` batches the DataLoader
+    (with this batch_size and drop_last) would have returned this epoch; the rest come in the same
+    order when no sample of the skipped part was bad. Augmentation randomness is not replayed.
+    Call `set_epoch(e)` before iterating each epoch (non-persistent workers copy the dataset anew).
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        *,
+        transform: Callable | None = None,
+        in_chans: int = 3,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        with_labels: bool = True,
+        skip_batches: int = 0,
+        batch_size: int | None = None,
+        drop_last: bool = True,
+    ):
+        _check_common(rank, world_size, in_chans, shuffle_buffer)
+        self.urls = expand_urls(urls)
+        index = read_index(self.urls)
+        # Expected samples per shard (None without an index): detects truncated shards, counts lost samples.
+        self.expected = [index["shards"][u] for u in self.urls] if index else None
+        self.num_classes = index["num_classes"] if index else None
+        if with_labels and index is not None and index["num_classes"] is None:
+            raise DataError(
+                f"The shards {urls!r} are unlabeled (their index has no classes) but labels were asked for. "
+                f"Use them where no labels are needed (pretraining), or write labelled shards."
+            )
+        self.transform = transform
+        self.mode = "RGB" if in_chans == 3 else "L"
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.epoch = seed, epoch
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.with_labels = with_labels
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.shard_counts = None  # samples per shard, needed (and computed) only to resume inside an epoch
+        self.skip_batches = 0
+        self.set_skip_batches(skip_batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_skip_batches(self, skip_batches: int) -> None:
+        """Resume offset for the next iteration (set it back to 0 for the epochs after the resumed one)."""
+        if not isinstance(skip_batches, int) or skip_batches < 0:
+            raise ConfigError(f"skip_batches must be an integer >= 0, got {skip_batches!r}.")
+        if skip_batches and not self.batch_size:
+            raise ConfigError("skip_batches counts batches: it needs batch_size (a positive integer).")
+        if skip_batches and self.shard_counts is None:
+            self.shard_counts = self.expected or shard_sample_counts(self.urls)
+        self.skip_batches = skip_batches
+
+    # -- pipeline stages ---------------------------------------------------------------------------
+
+    def _raw_samples(self, assignment, counter: _SkipCounter) -> Iterator[dict]:
+        """Raw samples of the process's shards that it keeps (position % stride == slot)."""
+        position = 0  # raw sample position over the process's shards, identical in every process reading them
+        for shard in assignment.shards:
+            url = self.urls[shard]
+            expected = self.expected[shard] if self.expected else None
+            reader, n_read = _tar_samples(url), 0
+            while True:
+                try:
+                    sample = next(reader)
+                except StopIteration as stop:
+                    error = stop.value
+                    break
+                if (position + n_read) % assignment.stride == assignment.slot:
+                    yield sample
+                n_read += 1
+            if error is None and expected is not None and n_read < expected:
+                error = f"it ended after {n_read} of the {expected} samples its index lists"
+            if error is not None:
+                counter.shards += 1
+                if expected is not None:
+                    lost = kept_in_range(position + n_read, position + expected, assignment.stride, assignment.slot)
+                    counter.samples += lost
+                log.warning("skipping the rest of unreadable shard %s (%d samples read): %s", url, n_read, error)
+            position += max(n_read, expected or 0)
+
+    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[dict] = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decode(self, raw: dict) -> dict | None:
+        """Image (and label) of a raw sample, transformed; None when the sample is unusable."""
+        try:
+            image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+            if image_key is None:
+                raise ValueError(f"no image member (has {sorted(k for k in raw if not k.startswith('__'))})")
+            with Image.open(io.BytesIO(raw[image_key])) as opened:
+                image = opened.convert(self.mode)  # forces the full decode
+            label = None
+            if self.with_labels:
+                if "cls" not in raw:
+                    raise ValueError("no cls member")
+                label = int(raw["cls"].decode("utf-8").strip())
+                if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+                    raise ValueError(f"label {label} is not a class of this data set ({self.num_classes} classes)")
+        except Exception as exc:  # corrupt bytes raise many PIL/OS/value error types
+            self._bad_samples += 1
+            if self._bad_samples <= _MAX_SAMPLE_WARNINGS:
+                log.warning("skipping undecodable sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
+            return None
+        tensor = self.transform(image) if self.transform is not None else TF.to_dtype(
+            TF.to_image(image), torch.float32, scale=True
+        )
+        out = {"image": tensor, "key": raw["__key__"]}
+        if self.with_labels:
+            out["label"] = label
+        return out
+
+    def _decoded(self, stream: Iterator[dict], counter: _SkipCounter) -> Iterator[dict]:
+        for raw in stream:
+            sample = self._decode(raw)
+            if sample is None:
+                counter.samples += 1
+            else:
+                yield sample
+
+    def _batched(self, samples: Iterator[dict], counter: _SkipCounter) -> Iterator[dict]:
+        batch = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield _with_counts(collate_samples(batch), counter)
+                batch = []
+        if batch and not self.drop_last:
+            yield _with_counts(collate_samples(batch), counter)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skip = 0
+        if self.skip_batches:
+            per_worker = worker_sample_counts(
+                self.shard_counts, world_size=self.world_size, num_workers=num_workers,
+                seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
+            )[self.rank]
+            skipped, next_turn = resume_plan(
+                worker_batch_counts(per_worker, self.batch_size, self.drop_last), self.skip_batches
+            )
+            worker = (worker + next_turn) % num_workers  # this process plays that worker (see resume_plan)
+            skip = skipped[worker] * self.batch_size
+        assignment = assign(
+            len(self.urls), rank=self.rank, world_size=self.world_size, worker=worker,
+            num_workers=num_workers, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
+        )
+        rng = random.Random(f"mae_vit-samples-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        counter = _SkipCounter()
+        self._bad_samples = 0
+        stream = self._shuffled(self._raw_samples(assignment, counter), rng)
+        if skip:
+            stream = itertools.islice(stream, skip, None)  # raw samples: skipped without decoding
+        samples = self._decoded(stream, counter)
+        if self.batch_size:
+            yield from self._batched(samples, counter)
+        else:
+            for sample in samples:
+                yield _with_counts(sample, counter)
+        if counter.samples or counter.shards:
+            yield _with_counts({}, counter)  # count-only record: skips after the last yield
+
+
+def _with_counts(item: dict, counter: _SkipCounter) -> dict:
+    item["skipped"], item["skipped_shards"] = counter.drain()
+    return item
+
+
+def _tar_samples(url: str) -> Generator[dict, None, Exception | None]:
+    """Samples of one shard via webdataset's tar iteration; returns the error that stopped it, if any."""
+    stream = None
+    try:
+        stream = gopen(url)
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
+        yield from group_by_keys(files, handler=reraise_exception)
+        return None
+    except Exception as exc:  # missing file, not a tar, truncated, pipe failure: reported by the caller
+        return exc
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # a failed pipe: already reported by the read
+                pass
+
+
+def collate_samples(samples: list[dict]) -> dict:
+    """Stack samples into a batch dict and sum their skip counts (count-only records add counts only)."""
+    real = [s for s in samples if "image" in s]
+    batch = {
+        "skipped": sum(s.get("skipped", 0) for s in samples),
+        "skipped_shards": sum(s.get("skipped_shards", 0) for s in samples),
+    }
+    if real:
+        batch["image"] = torch.stack([s["image"] for s in real])  # (B, C, H, W)
+        batch["key"] = [s["key"] for s in real]
+        if "label" in real[0]:
+            batch["label"] = torch.tensor([s["label"] for s in real], dtype=torch.long)  # (B,)
+    return batch
+
+
+def _unchanged(item: dict) -> dict:
+    """The DataLoader's per-item collate when the dataset batches (module level: picklable for spawn)."""
+    return item
+
+
+class ShardLoader(DataLoader):
+    """DataLoader over a batching ShardDataset: folds count-only records into a neighbouring batch.
+
+    It holds one batch back so that counts arriving after the last batch still reach a batch.
+    `set_epoch(e)` and `set_skip_batches(n)` forward to the dataset (call them before iterating).
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def set_skip_batches(self, skip_batches: int) -> None:
+        self.dataset.set_skip_batches(skip_batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        held, pending = None, [0, 0]
+        for item in super().__iter__():
+            if "image" not in item:  # a count-only record
+                if held is not None:
+                    held["skipped"] += item["skipped"]
+                    held["skipped_shards"] += item["skipped_shards"]
+                else:
+                    pending = [pending[0] + item["skipped"], pending[1] + item["skipped_shards"]]
+                continue
+            item["skipped"] += pending[0]
+            item["skipped_shards"] += pending[1]
+            pending = [0, 0]
+            if held is not None:
+                yield held
+            held = item
+        if held is not None:
+            yield held
+        elif pending[0] or pending[1]:
+            log.warning("this rank got no batch this epoch; %d samples and %d shards were skipped", *pending)
+
+
+def make_loader(
+    urls: str | list[str],
+    *,
+    transform: Callable | None = None,
+    batch_size: int,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    shuffle_buffer: int = 1000,
+    with_labels: bool = True,
+    in_chans: int = 3,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+    skip_batches: int = 0,
+    prefetch_factor: int | None = None,
+) -> ShardLoader:
+    """A `ShardLoader` over this rank's share, yielding batch dicts (see module doc).
+
+    Batches never mix workers (each worker batches its own samples, as any DataLoader over an
+    IterableDataset does), so with drop_last each worker drops its own last partial batch: use
+    `steps_per_epoch` for the number of full batches every rank delivers. Per epoch:
+    `loader.set_epoch(e)`, then iterate. Augmentation randomness in the workers is seeded from
+    (seed, epoch, rank) through the DataLoader's generator. The loader already holds only this rank's
+    share: do not wrap it in a DistributedSampler or `accelerator.prepare` (that would split it again).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
+    dataset = ShardDataset(
+        urls, transform=transform, in_chans=in_chans, rank=rank, world_size=world_size, seed=seed,
+        epoch=epoch, shuffle=shuffle, shuffle_buffer=shuffle_buffer, with_labels=with_labels,
+        skip_batches=skip_batches, batch_size=batch_size, drop_last=drop_last,
+    )
+    generator = torch.Generator()
+    generator.manual_seed((seed * 1_000_003 + epoch) * 1_009 + rank)
+    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
+    return ShardLoader(
+        dataset,
+        batch_size=None,  # the dataset batches (per worker, as a DataLoader would) to carry the skip counts
+        num_workers=num_workers,
+        collate_fn=_unchanged,
+        pin_memory=pin_memory,
+        generator=generator,
+        **extra,
+    )
+
+
+def samples_per_rank(
+    urls: str | list[str], *, world_size: int, num_workers: int = 0, seed: int = 0, epoch: int = 0, shuffle: bool = True
+) -> list[int]:
+    """Samples each rank reads this epoch (list of world_size ints), from the index or tar headers.
+
+    Identical on every rank. Depends on epoch only when shards hold different numbers of samples.
+    """
+    url_list = expand_urls(urls)
+    counts = worker_sample_counts(
+        shard_sample_counts(url_list), world_size=world_size, num_workers=num_workers,
+        seed=seed, epoch=epoch, shuffle=shuffle,
+    )
+    return [sum(per_worker) for per_worker in counts]
+
+
+def steps_per_epoch(
+    urls: str | list[str],
+    *,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> int:
+    """Batches the slowest rank's `make_loader(...)` delivers this epoch: the step count all DDP ranks can share.
+
+    Counts each worker's batches separately (as the DataLoader makes them). Bad samples can make a rank
+    deliver fewer, so the training loop should still stop cleanly if its loader runs out first.
+    """
+    url_list = expand_urls(urls)
+    counts = worker_sample_counts(
+        shard_sample_counts(url_list), world_size=world_size, num_workers=num_workers,
+        seed=seed, epoch=epoch, shuffle=shuffle,
+    )
+    return min(sum(worker_batch_counts(per_worker, batch_size, drop_last)) for per_worker in counts)

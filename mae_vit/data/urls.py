@@ -1,0 +1,158 @@
+"""Shard URL specs: expansion with up-front checks, the JSON index beside the shards, sample counts.
+
+A spec is one or more parts separated by `::`; each part is brace-expanded (`data/shard-{000000..000009}.tar`,
+`{a,b}.tar`). Local parts may also be a glob (`data/train/*.tar`) or a folder (all `*.tar` in it, sorted).
+Every local path is checked when the spec is expanded, so a typo fails at start-up with a DataError
+rather than as an empty epoch. Remote parts (`pipe:...`, `http(s)://...`, any `scheme:`) are passed to
+webdataset's `gopen` unchecked; `file:` prefixes are local.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import re
+import tarfile
+from pathlib import Path
+
+import braceexpand
+
+from mae_vit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")
+_SHARD_NAME_RE = re.compile(r"^(?P<prefix>.+)-\d+\.tar$")
+_HOW_TO_MAKE = (
+    "Make shards with `python tools/make_shards.py source=synthetic output_dir=DIR` (or source=fashion-mnist, or "
+    "source=FOLDER_OF_IMAGES), then pass e.g. DIR/shard-{000000..000007}.tar or just DIR."
+)
+
+
+def is_remote(url: str) -> bool:
+    """True for `pipe:`/`http(s)://`/other schemes; False for plain paths and `file:` URLs."""
+    return bool(_SCHEME_RE.match(url)) and not url.startswith("file:")
+
+
+def local_path(url: str) -> Path:
+    """The filesystem path of a local URL (strips `file:` / `file://`)."""
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    elif url.startswith("file:"):
+        url = url[len("file:") :]
+    return Path(url).expanduser()
+
+
+def _expand_local(item: str, spec: str) -> list[str]:
+    path = local_path(item)
+    if any(ch in str(path) for ch in "*?["):
+        matches = sorted(glob.glob(str(path)))
+        if not matches:
+            raise DataError(f"The shard pattern {item!r} (from {spec!r}) matches no file. {_HOW_TO_MAKE}")
+        return matches
+    if path.is_dir():
+        tars = sorted(str(p) for p in path.glob("*.tar") if not p.name.startswith("."))
+        if not tars:
+            raise DataError(f"The folder {path} (from {spec!r}) holds no .tar shards. {_HOW_TO_MAKE}")
+        return tars
+    if not path.is_file():
+        raise DataError(f"The shard {path} (from {spec!r}) does not exist. {_HOW_TO_MAKE}")
+    return [str(path)]
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Expand a spec (or a list of specs) into a list of shard URLs; DataError for missing local shards."""
+    specs = [urls] if isinstance(urls, str) else list(urls)
+    parts = [part.strip() for spec in specs for part in str(spec).split("::") if part.strip()]
+    if not parts:
+        raise DataError(f"No shards given (the spec is {urls!r}). {_HOW_TO_MAKE}")
+    expanded: list[str] = []
+    for part in parts:
+        for item in braceexpand.braceexpand(part):
+            expanded.extend([item] if is_remote(item) else _expand_local(item, part))
+    return expanded
+
+
+def _load_index(path: Path) -> dict | None:
+    try:
+        index = json.loads(path.read_text())
+        if not isinstance(index.get("shards"), dict):
+            raise ValueError("no 'shards' mapping")
+        return index
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("ignoring unreadable shard index %s: %s", path, exc)
+        return None
+
+
+def read_index(urls: str | list[str]) -> dict | None:
+    """The `*-index.json` data for these shards, or None if any shard is remote or not in an index.
+
+    `urls` is a spec (expanded here) or a list of already expanded URLs (as `expand_urls` returns).
+
+    Returns `{"shards": {url: num_samples, ...} (in the given order), "num_samples": total,
+    "num_classes": K or None, "class_names": [...] or None}`. Shards from several folders or prefixes
+    are merged (num_classes: the largest; class_names only if all agree).
+    """
+    url_list = expand_urls(urls) if isinstance(urls, str) else list(urls)
+    cache: dict[Path, dict | None] = {}
+    counts: dict[str, int] = {}
+    for url in url_list:
+        if is_remote(url):
+            return None
+        path = local_path(url)
+        match = _SHARD_NAME_RE.match(path.name)
+        if not match:
+            return None
+        index_path = path.parent / f"{match['prefix']}-index.json"
+        if index_path not in cache:
+            cache[index_path] = _load_index(index_path)
+        index = cache[index_path]
+        if index is None or path.name not in index["shards"]:
+            return None
+        counts[url] = int(index["shards"][path.name])
+    used = [index for index in cache.values() if index is not None]
+    class_counts = [index.get("num_classes") for index in used]
+    names = [index.get("class_names") for index in used]
+    return {
+        "shards": counts,
+        "num_samples": sum(counts.values()),
+        "num_classes": max(class_counts) if class_counts and None not in class_counts else None,
+        "class_names": names[0] if names and all(n == names[0] for n in names) else None,
+    }
+
+
+def count_tar_samples(path: str | Path) -> int:
+    """Samples in a local shard, from the tar headers only (consecutive members with one key = one sample).
+
+    A damaged tar counts the samples before the damage (what a reader gets out of it) with a warning.
+    """
+    count, previous = 0, None
+    try:
+        with tarfile.open(path, mode="r:*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                directory, _, name = member.name.rpartition("/")
+                key = f"{directory}/{name.split('.', 1)[0]}"
+                if "." in name and not name.startswith("__") and key != previous:
+                    count, previous = count + 1, key
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        log.warning("shard %s is damaged (%s); counting the %d samples before the damage", path, exc, count)
+    return count
+
+
+def shard_sample_counts(urls: list[str]) -> list[int]:
+    """Samples per shard (same order as `urls`): from the index, else by reading local tar headers."""
+    index = read_index(urls)
+    if index is not None:
+        return [index["shards"][url] for url in urls]
+    remote = [url for url in urls if is_remote(url)]
+    if remote:
+        raise DataError(
+            f"Cannot count the samples of remote shards ({remote[0]}, ...) without an index. Put the "
+            f"`{{prefix}}-index.json` written by tools/make_shards.py beside local copies of the shards."
+        )
+    return [count_tar_samples(local_path(url)) for url in urls]

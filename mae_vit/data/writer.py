@@ -1,0 +1,294 @@
+"""Write samples into WebDataset tar shards plus a JSON index.
+
+Output, in `output_dir`:
+- `{prefix}-000000.tar`, `{prefix}-000001.tar`, ...: each sample is the members `{key}.{ext}` (the
+  image: PNG when given a PIL image -- lossless, grey stays 1-channel "L" -- or the bytes given, e.g. an
+  original JPEG) and `{key}.cls` (the label as decimal text; absent for unlabeled samples).
+  A new shard starts when adding the next sample would pass `samples_per_shard` or make the finished
+  file larger than `max_shard_bytes` (the exact tar size is computed, headers and padding included;
+  a single sample larger than the limit gets a shard of its own).
+- `{prefix}-index.json`: `{"shards": {"shard-000000.tar": n, ...}, "num_samples": N,
+  "num_classes": K or null, "class_counts": {"0": n0, ...}, "class_names": [...] or null}`.
+  The reader uses it to count samples per rank without opening the shards.
+
+Safety: nothing is written under a final name until every shard is complete. Shards are written to
+hidden temporary files (`.{prefix}-000000.tar.partial-<pid>`) which are renamed at the end, then the
+index is written (also via rename); an error or Ctrl-C deletes the temporary files and leaves the
+folder as it was. Existing shards or index of the same prefix make `write_shards` refuse (DataError)
+unless `overwrite=True`; with it, the old index is removed first and old shards numbered beyond the new
+ones are deleted, so that the folder holds exactly the new data set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image
+
+from mae_vit.data.sources import open_source
+from mae_vit.errors import ConfigError, DataError
+from mae_vit.progress import Progress
+
+log = logging.getLogger(__name__)
+
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the finished archive to a multiple of this
+_KEY_RE = re.compile(r"^[^./\s][^.\s]*$")
+
+
+def shard_name(prefix: str, number: int) -> str:
+    return f"{prefix}-{number:06d}.tar"
+
+
+def index_name(prefix: str) -> str:
+    return f"{prefix}-index.json"
+
+
+def shard_urls(output_dir: str | Path, prefix: str, num_shards: int) -> str:
+    """Brace spec of the shards, e.g. `out/shard-{000000..000007}.tar` (a plain path when there is one)."""
+    if num_shards == 1:
+        return str(Path(output_dir) / shard_name(prefix, 0))
+    return str(Path(output_dir) / f"{prefix}-{{{0:06d}..{num_shards - 1:06d}}}.tar")
+
+
+def _encode_image(image) -> tuple[bytes, str]:
+    """PIL image -> PNG bytes (L and RGB kept, other modes converted); `(bytes, ext)` passes through."""
+    if isinstance(image, Image.Image):
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("L" if image.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue(), "png"
+    if isinstance(image, tuple) and len(image) == 2 and isinstance(image[0], (bytes, bytearray)):
+        data, ext = image
+        ext = str(ext).lower().lstrip(".")
+        if not ext or "." in ext or "/" in ext:
+            raise DataError(f"Image extension {image[1]!r} is not usable as a tar member suffix (e.g. 'jpg').")
+        return bytes(data), ext
+    raise DataError(f"A sample's image must be a PIL image or a (bytes, extension) pair, got {type(image).__name__}.")
+
+
+def _check_label(key: str, label, num_classes: int | None) -> int | None:
+    if label is None:
+        return None
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+        raise DataError(f"Sample {key!r} has label {label!r}; labels must be integers >= 0 (or None when unlabeled).")
+    if num_classes is not None and label >= num_classes:
+        raise DataError(f"Sample {key!r} has label {label} but the data set declares {num_classes} classes.")
+    return int(label)
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    """A reproducible member header: fixed time, owner and permissions."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _archived_size(info: tarfile.TarInfo) -> int:
+    """Bytes a member takes inside the tar: header block(s) (PAX headers for long names) + padded data."""
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return len(header) + -(-info.size // _BLOCK) * _BLOCK
+
+
+def _finished_size(content_bytes: int) -> int:
+    """File size after `close()`: content + two zero end blocks, padded to a whole record."""
+    return -(-(content_bytes + 2 * _BLOCK) // _RECORD) * _RECORD
+
+
+class _PartialShard:
+    """One shard being written under a hidden temporary name."""
+
+    def __init__(self, output_dir: Path, final_name: str):
+        self.final_path = output_dir / final_name
+        self.temp_path = output_dir / f".{final_name}.partial-{os.getpid()}"
+        self.tar = tarfile.open(self.temp_path, mode="w", format=tarfile.PAX_FORMAT)
+        self.content_bytes = 0
+        self.num_samples = 0
+
+    def add(self, members: list[tuple[tarfile.TarInfo, bytes]], size: int) -> None:
+        for info, data in members:
+            self.tar.addfile(info, io.BytesIO(data))
+        self.content_bytes += size
+        self.num_samples += 1
+
+    def close(self) -> None:
+        if not self.tar.closed:
+            self.tar.close()
+
+
+def _existing_targets(output_dir: Path, prefix: str) -> list[Path]:
+    pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar$")
+    found = sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
+    if (output_dir / index_name(prefix)).exists():
+        found.append(output_dir / index_name(prefix))
+    return found
+
+
+def _check_limits(samples_per_shard, max_shard_bytes) -> tuple[int, int]:
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ConfigError(f"samples_per_shard must be a positive integer, got {samples_per_shard!r}.")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, (int, float)) or max_shard_bytes < _RECORD:
+        raise ConfigError(f"max_shard_bytes must be a number of at least {_RECORD}, got {max_shard_bytes!r}.")
+    return samples_per_shard, int(max_shard_bytes)
+
+
+def write_shards(
+    samples: Iterable,
+    output_dir: str | Path,
+    *,
+    prefix: str = "shard",
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int | float = 100e6,
+    overwrite: bool = False,
+    progress: bool = True,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    total: int | None = None,
+) -> dict:
+    """Write `(key, image or (bytes, ext), label or None)` samples as shards + index; returns the index dict.
+
+    `num_classes` (or `len(class_names)`) is recorded in the index and bounds the labels; when neither is
+    given and samples are labelled, the index records max label + 1. `total` sizes the progress bar.
+    """
+    samples_per_shard, max_shard_bytes = _check_limits(samples_per_shard, max_shard_bytes)
+    if not prefix or "/" in prefix or prefix.startswith("."):
+        raise ConfigError(f"prefix must be a plain file name start such as 'shard', got {prefix!r}.")
+    if num_classes is None and class_names is not None:
+        num_classes = len(class_names)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataError(f"output_dir {output_dir} exists and is not a folder. Choose another output_dir.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    existing = _existing_targets(output_dir, prefix)
+    if existing and not overwrite:
+        names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise DataError(
+            f"{output_dir} already holds {len(existing)} file(s) of a '{prefix}' data set ({names}); nothing was "
+            f"written. Choose another output_dir or prefix, or pass overwrite=true to replace them."
+        )
+
+    shards: list[_PartialShard] = []
+    class_counts: dict[int, int] = {}
+    labelled = unlabelled = 0
+    bar = Progress(total, f"writing {output_dir}", enabled=None if progress else False, unit="samples")
+    previous_key = None
+    try:
+        for key, image, label in samples:
+            if not isinstance(key, str) or not _KEY_RE.match(key) or key == previous_key:
+                raise DataError(
+                    f"Sample key {key!r} is unusable: keys must be non-empty strings without dots or white space, "
+                    f"not starting with '/', and differ from the previous sample's key."
+                )
+            previous_key = key
+            label = _check_label(key, label, num_classes)
+            data, ext = _encode_image(image)
+            members = [(_tar_info(f"{key}.{ext}", len(data)), data)]
+            if label is not None:
+                text = str(label).encode()
+                members.append((_tar_info(f"{key}.cls", len(text)), text))
+                class_counts[label] = class_counts.get(label, 0) + 1
+                labelled += 1
+            else:
+                unlabelled += 1
+            if labelled and unlabelled:
+                raise DataError(
+                    f"Sample {key!r} breaks the pattern of the samples before it: some samples have labels and "
+                    f"some have none, but a data set must be one or the other."
+                )
+            size = sum(_archived_size(info) for info, _ in members)
+            current = shards[-1] if shards else None
+            if current is None or current.num_samples >= samples_per_shard or (
+                current.num_samples > 0 and _finished_size(current.content_bytes + size) > max_shard_bytes
+            ):
+                if current is not None:
+                    current.close()
+                current = _PartialShard(output_dir, shard_name(prefix, len(shards)))
+                shards.append(current)
+            if _finished_size(size) > max_shard_bytes:
+                log.warning("sample %s (%d bytes) exceeds max_shard_bytes; it gets a shard of its own", key, size)
+            current.add(members, size)
+            bar.update()
+        if not shards:
+            raise DataError(f"No samples to write to {output_dir}: the source yielded nothing.")
+        for shard in shards:
+            shard.close()
+        index = _commit(shards, output_dir, prefix, overwrite, class_counts, num_classes, class_names, labelled > 0)
+    finally:
+        bar.close()
+        for shard in shards:
+            shard.close()
+            shard.temp_path.unlink(missing_ok=True)
+    return index
+
+
+def _commit(shards, output_dir: Path, prefix: str, overwrite: bool, class_counts, num_classes, class_names, labelled):
+    """Rename the finished temporaries into place, drop stale shards (overwrite) and write the index last."""
+    if overwrite:
+        (output_dir / index_name(prefix)).unlink(missing_ok=True)
+    for shard in shards:
+        os.replace(shard.temp_path, shard.final_path)
+    if overwrite:
+        keep = {shard.final_path.name for shard in shards}
+        for stale in _existing_targets(output_dir, prefix):
+            if stale.name not in keep and stale.suffix == ".tar":
+                log.info("removing %s, left over from the data set that was overwritten", stale)
+                stale.unlink()
+    if labelled and num_classes is None:
+        num_classes = max(class_counts) + 1
+    index = {
+        "shards": {shard.final_path.name: shard.num_samples for shard in shards},
+        "num_samples": sum(shard.num_samples for shard in shards),
+        "num_classes": num_classes if labelled else None,
+        "class_counts": {str(k): class_counts[k] for k in sorted(class_counts)},
+        "class_names": list(class_names) if (labelled and class_names is not None) else None,
+    }
+    temp = output_dir / f".{index_name(prefix)}.partial-{os.getpid()}"
+    temp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(temp, output_dir / index_name(prefix))
+    return index
+
+
+def make_shards(
+    source: str,
+    output_dir: str | Path,
+    *,
+    split: str = "train",
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int | float = 100_000_000,
+    overwrite: bool = False,
+    prefix: str = "shard",
+    num_samples: int = 2048,
+    num_classes: int = 10,
+    img_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict, str]:
+    """Write the shards of `source` (see `mae_vit.data.sources`); returns (index, brace URL spec of the shards)."""
+    resolved = open_source(
+        source, split=split, num_samples=num_samples, num_classes=num_classes, img_size=img_size, seed=seed
+    )
+    log.info("writing %s to %s", resolved.description, output_dir)
+    index = write_shards(
+        resolved.samples,
+        output_dir,
+        prefix=prefix,
+        samples_per_shard=samples_per_shard,
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+        progress=progress,
+        num_classes=resolved.num_classes,
+        class_names=resolved.class_names,
+        total=resolved.total,
+    )
+    return index, shard_urls(output_dir, prefix, len(index["shards"]))

@@ -1,0 +1,198 @@
+"""Shard writer: layout, index, exact round trip, size limits, refusal to overwrite, crash safety."""
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_vit.data.shards import make_loader
+from mae_vit.data.synthetic import synthetic_samples
+from mae_vit.data.writer import make_shards, shard_urls, write_shards
+from mae_vit.errors import ConfigError, DataError
+
+
+def grey_samples(n, size=8):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        yield f"g{i:03d}", Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)), i % 3
+
+
+def members(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_layout_index_and_exact_pixels(tmp_path):
+    originals = {key: (np.asarray(img), label) for key, img, label in synthetic_samples(12, img_size=16, seed=5)}
+    index = write_shards(synthetic_samples(12, img_size=16, seed=5), tmp_path, samples_per_shard=5, progress=False,
+                         class_names=["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])
+    assert index == json.loads((tmp_path / "shard-index.json").read_text())
+    assert index["shards"] == {"shard-000000.tar": 5, "shard-000001.tar": 5, "shard-000002.tar": 2}
+    assert index["num_samples"] == 12 and index["num_classes"] == 10
+    assert index["class_counts"] == {"0": 2, "1": 2, "2": 1, "3": 1, "4": 1, "5": 1, "6": 1, "7": 1, "8": 1, "9": 1}
+    assert index["class_names"][:2] == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*index["shards"], "shard-index.json"])
+
+    first = members(tmp_path / "shard-000000.tar")
+    assert list(first)[:4] == ["00000000.png", "00000000.cls", "00000001.png", "00000001.cls"]
+    assert first["00000003.cls"] == b"3"
+    image = Image.open(io.BytesIO(first["00000004.png"]))
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), originals["00000004"][0])
+
+    # Read back through the loader in file order: same keys, labels and pixel values (x / 255).
+    loader = make_loader(shard_urls(tmp_path, "shard", 3), batch_size=4, shuffle=False, drop_last=False)
+    batches = list(loader)
+    keys = [k for b in batches for k in b["key"]]
+    assert keys == [f"{i:08d}" for i in range(12)]
+    labels = [int(v) for b in batches for v in b["label"]]
+    assert labels == [originals[k][1] for k in keys]
+    image_7 = batches[1]["image"][3]  # (3, 16, 16)
+    assert np.array_equal((image_7.numpy() * 255).round().astype(np.uint8).transpose(1, 2, 0), originals["00000007"][0])
+
+
+def test_grey_images_stay_one_channel(tmp_path):
+    index = write_shards(grey_samples(4), tmp_path, progress=False)
+    assert index["num_classes"] == 3  # inferred: largest label + 1
+    stored = Image.open(io.BytesIO(members(tmp_path / "shard-000000.tar")["g002.png"]))
+    expected = np.asarray(list(grey_samples(4))[2][1])
+    assert stored.mode == "L" and np.array_equal(np.asarray(stored), expected)
+
+
+def test_encoded_bytes_are_copied_and_unlabeled_has_no_cls(tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 6), (200, 10, 30)).save(buffer, format="JPEG", quality=70)
+    data = buffer.getvalue()
+    index = write_shards([("a", (data, "JPG"), None), ("b", (data, "jpg"), None)], tmp_path, progress=False)
+    stored = members(tmp_path / "shard-000000.tar")
+    assert list(stored) == ["a.jpg", "b.jpg"] and stored["a.jpg"] == data
+    assert index["num_classes"] is None and index["class_counts"] == {} and index["class_names"] is None
+
+
+def test_size_limit_is_respected_and_shards_are_full(tmp_path):
+    rng = np.random.default_rng(1)
+    noise = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(12)]  # ~4.8 KB PNGs
+    limit = 3 * 10240
+    index = write_shards(((f"n{i}", img, 0) for i, img in enumerate(noise)), tmp_path, max_shard_bytes=limit,
+                         samples_per_shard=100, progress=False)
+    names = list(index["shards"])
+    assert len(names) > 2 and sum(index["shards"].values()) == 12
+    for this, following in zip(names, names[1:]):
+        assert (tmp_path / this).stat().st_size <= limit
+        # The first sample of the next shard would not have fitted: the shard was closed for size.
+        with tarfile.open(tmp_path / following) as tar:
+            first_sample = [m for m in tar.getmembers()[:2]]
+        extra = sum(512 + -(-m.size // 512) * 512 for m in first_sample)
+        with tarfile.open(tmp_path / this) as tar:
+            content = sum(512 + -(-m.size // 512) * 512 for m in tar.getmembers())
+        assert -(-(content + extra + 1024) // 10240) * 10240 > limit
+    assert (tmp_path / names[-1]).stat().st_size <= limit
+
+
+def test_oversized_sample_gets_its_own_shard(tmp_path):
+    rng = np.random.default_rng(2)
+    big = Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))  # ~19 KB PNG
+    small = Image.new("RGB", (4, 4))
+    index = write_shards([("s0", small, 0), ("big", big, 0), ("s1", small, 0)], tmp_path, max_shard_bytes=10240,
+                         progress=False)
+    assert list(index["shards"].values()) == [1, 1, 1]
+
+
+def test_refuses_to_overwrite_and_leaves_data_untouched(tmp_path):
+    write_shards(synthetic_samples(6, img_size=8), tmp_path, samples_per_shard=2, progress=False)
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError, match="overwrite"):
+        write_shards(synthetic_samples(6, img_size=8, seed=9), tmp_path, samples_per_shard=2, progress=False)
+    assert snapshot(tmp_path) == before
+
+    # An index alone (shards deleted by hand) still counts as an existing data set.
+    for name in list(before):
+        if name.endswith(".tar"):
+            (tmp_path / name).unlink()
+    with pytest.raises(DataError):
+        write_shards(synthetic_samples(2, img_size=8), tmp_path, progress=False)
+
+
+def test_overwrite_replaces_everything_of_that_prefix(tmp_path):
+    write_shards(synthetic_samples(6, img_size=8), tmp_path, samples_per_shard=2, progress=False)
+    write_shards(synthetic_samples(3, img_size=8), tmp_path, prefix="other", progress=False)
+    index = write_shards(synthetic_samples(4, img_size=8, seed=1), tmp_path, samples_per_shard=4, overwrite=True,
+                         progress=False)
+    assert index["shards"] == {"shard-000000.tar": 4}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "other-000000.tar", "other-index.json", "shard-000000.tar", "shard-index.json"
+    ]
+
+
+def test_a_crash_leaves_the_old_data_and_no_temporaries(tmp_path):
+    write_shards(synthetic_samples(4, img_size=8), tmp_path, samples_per_shard=2, progress=False)
+    before = snapshot(tmp_path)
+
+    def failing():
+        yield from synthetic_samples(3, img_size=8, seed=1)
+        raise RuntimeError("source died")
+
+    with pytest.raises(RuntimeError, match="source died"):
+        write_shards(failing(), tmp_path, samples_per_shard=1, overwrite=True, progress=False)
+    assert snapshot(tmp_path) == before
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        write_shards(failing(), fresh, samples_per_shard=1, progress=False)
+    assert list(fresh.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        ([("a", Image.new("L", (2, 2)), -1)], "label"),
+        ([("a", Image.new("L", (2, 2)), 5)], "declares 3 classes"),
+        ([("a", Image.new("L", (2, 2)), 0), ("b", Image.new("L", (2, 2)), None)], "labels"),
+        ([("a.b", Image.new("L", (2, 2)), 0)], "key"),
+        ([("a", Image.new("L", (2, 2)), 0), ("a", Image.new("L", (2, 2)), 1)], "key"),
+        ([("a", "not an image", 0)], "PIL image"),
+        ([], "No samples"),
+    ],
+)
+def test_bad_samples_raise_data_error_and_write_nothing(tmp_path, samples, message):
+    with pytest.raises(DataError, match=message):
+        write_shards(samples, tmp_path / "out", num_classes=3, progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_bad_limits_raise_config_error(tmp_path):
+    with pytest.raises(ConfigError):
+        write_shards([], tmp_path, samples_per_shard=0)
+    with pytest.raises(ConfigError):
+        write_shards([], tmp_path, max_shard_bytes=100)
+
+
+def test_make_shards_synthetic_returns_urls(tmp_path):
+    index, urls = make_shards("synthetic", tmp_path / "d", num_samples=10, num_classes=5, img_size=8,
+                              samples_per_shard=4, progress=False)
+    assert urls == str(tmp_path / "d" / "shard-{000000..000002}.tar")
+    assert index["num_classes"] == 5 and index["class_names"] == ["disc", "square", "triangle", "ring", "cross"]
+    assert os.path.getsize(tmp_path / "d" / "shard-000002.tar") > 0
+
+
+def test_make_shards_tool(tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    from mae_vit.cli import run_tool
+
+    tool = runpy.run_path(str(Path(__file__).parents[1] / "tools" / "make_shards.py"))
+    argv = ["source=synthetic", f"output_dir={tmp_path}", "num_samples=6", "img_size=8", "samples_per_shard=4"]
+    index = run_tool(tool["main"], argv)
+    assert index["shards"] == {"shard-000000.tar": 4, "shard-000001.tar": 2}
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "shard-{000000..000001}.tar")
+    with pytest.raises(SystemExit) as exit_info:  # existing shards: a user error, exit status 2
+        run_tool(tool["main"], argv)
+    assert exit_info.value.code == 2 and "overwrite" in capsys.readouterr().err
