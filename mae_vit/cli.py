@@ -4,7 +4,7 @@ import sys
 import textwrap
 from typing import Any, Callable, List, Optional
 
-from mae_vit.errors import UserError
+from mae_vit.errors import NonFiniteLossError, UserError
 
 
 def run_tool(main_fn: Callable[[List[str]], Any], argv: Optional[List[str]] = None) -> Any:
@@ -12,6 +12,7 @@ def run_tool(main_fn: Callable[[List[str]], Any], argv: Optional[List[str]] = No
 
     A `mae_vit.errors.UserError` (bad config, data path, checkpoint) is printed to stderr as one
     paragraph, `error: <message>` wrapped to 100 columns, and the process exits with status 2.
+    A `NonFiniteLossError` (training diverged) is printed the same way with exit status 1.
     Ctrl-C exits with status 130 after a short note. Other exceptions are bugs: they propagate with
     their traceback.
     """
@@ -23,6 +24,9 @@ def run_tool(main_fn: Callable[[List[str]], Any], argv: Optional[List[str]] = No
         print(textwrap.fill(f"error: {message}", width=100, break_on_hyphens=False, break_long_words=False),
               file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as e:  # a training failure, not a bug: say what happened, exit 1
+        print(textwrap.fill(f"error: {e}", width=100, break_on_hyphens=False), file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); the last saved checkpoint is kept.", file=sys.stderr)
         sys.exit(130)

@@ -51,6 +51,9 @@ class ModelConfig:
     grad_checkpointing: bool = False    # recompute block activations in backward to save memory
     norm_pix_loss: bool = True          # MAE only: loss on per-patch normalised pixels
     mask_ratio: float = 0.75            # MAE only: fraction of patches hidden from the encoder
+    decoder_embed_dim: Optional[int] = None  # MAE only: decoder width; None = the paper's 512
+    decoder_depth: Optional[int] = None      # MAE only: decoder blocks; None = the paper's 8
+    decoder_num_heads: Optional[int] = None  # MAE only: decoder heads; None = the paper's 16
     global_pool: bool = True            # classifier: True = average of patch tokens + fc_norm; False = class token
     num_classes: Optional[int] = None   # classifier: None = read from the shard index
 
@@ -138,14 +141,21 @@ _CHECKPOINT_FLAG = {"--checkpoint": ("checkpoint", "PATH")}
 
 @dataclass
 class PretrainConfig:
-    """MAE pretraining of a ViT encoder on unlabelled images."""
+    """MAE pretraining of a ViT encoder on unlabelled images.
+
+    The defaults are the demo: a tiny MAE (ViT-Tiny/4 encoder, 2-block 128-wide decoder) on the
+    synthetic 32 px shards for 10 epochs, a couple of minutes on a 2-core CPU. The paper's ImageNet
+    recipes are in configs/pretrain/.
+    """
 
     FLAGS: ClassVar[Dict[str, Tuple[str, str]]] = dict(_TRAIN_FLAGS)
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+    )
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=1e-3, epochs=10, warmup_epochs=1))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(save_every=100, vis_every=100))
     knn: KnnConfig = field(default_factory=KnnConfig)
 
 

@@ -17,7 +17,7 @@ import time
 from typing import TextIO
 
 
-def _format_seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
     """`75.0` -> `'1:15'`, `3725.0` -> `'1:02:05'`."""
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -38,6 +38,7 @@ class Progress:
         min_interval: float = 0.1,
         unit: str = "it",
         width: int = 24,
+        initial: int = 0,
     ):
         self.total = total
         self.desc = desc
@@ -49,7 +50,8 @@ class Progress:
         self.min_interval = min_interval
         self.unit = unit
         self.width = width
-        self.count = 0
+        self.initial = initial  # already done before this bar started (a resumed run): not in the rate
+        self.count = initial
         self.postfix = ""
         self._start = time.monotonic()
         self._last_draw = float("-inf")
@@ -69,21 +71,28 @@ class Progress:
         """The line as it would be drawn now (without the leading carriage return)."""
         now = time.monotonic() if now is None else now
         elapsed = max(now - self._start, 1e-9)
-        rate = self.count / elapsed
+        rate = (self.count - self.initial) / elapsed
         head = f"{self.desc}: " if self.desc else ""
         if self.total:
             frac = min(self.count / self.total, 1.0)
             filled = int(frac * self.width)
             bar = "#" * filled + "-" * (self.width - filled)
             eta = (self.total - self.count) / rate if rate > 0 else float("inf")
-            eta_text = _format_seconds(eta) if eta != float("inf") else "?"
+            eta_text = format_seconds(eta) if eta != float("inf") else "?"
             line = (
                 f"{head}{frac * 100:3.0f}% |{bar}| {self.count}/{self.total} "
-                f"[{_format_seconds(elapsed)}<{eta_text}, {rate:.1f} {self.unit}/s]"
+                f"[{format_seconds(elapsed)}<{eta_text}, {rate:.1f} {self.unit}/s]"
             )
         else:
-            line = f"{head}{self.count} [{_format_seconds(elapsed)}, {rate:.1f} {self.unit}/s]"
+            line = f"{head}{self.count} [{format_seconds(elapsed)}, {rate:.1f} {self.unit}/s]"
         return f"{line} {self.postfix}" if self.postfix else line
+
+    def eta(self) -> float:
+        """Seconds left at the current rate (inf when unknown)."""
+        rate = (self.count - self.initial) / max(time.monotonic() - self._start, 1e-9)
+        if not self.total or rate <= 0:
+            return float("inf")
+        return max(self.total - self.count, 0) / rate
 
     def _draw(self, now: float) -> None:
         self._last_draw = now

@@ -2,7 +2,7 @@
 
 import io
 
-from mae_vit.progress import Progress, _format_seconds
+from mae_vit.progress import Progress, format_seconds
 
 
 class FakeTty(io.StringIO):
@@ -37,4 +37,4 @@ def test_unknown_total_and_time_format():
     bar.update(5)
     line = bar.render(now=bar._start + 2.0)
     assert line.startswith("read: 5 [0:02, 2.5 samples/s]")
-    assert _format_seconds(75) == "1:15" and _format_seconds(3725) == "1:02:05"
+    assert format_seconds(75) == "1:15" and format_seconds(3725) == "1:02:05"

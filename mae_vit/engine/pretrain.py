@@ -1,0 +1,256 @@
+"""The MAE pretraining loop (Accelerate: one CPU, one or many GPUs, many nodes, the same code).
+
+Per optimizer step: `accum` micro-batches (no gradient all-reduce but on the last), optional
+gradient clipping, AdamW step with the lr of a pure per-step schedule. The loop never syncs the
+host per step: loss sums and the non-finite check stay on the device until a logging step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+
+import torch
+from omegaconf import DictConfig
+
+from ..checkpoint import EXPORT_NAME, export_safetensors
+from ..data import eval_transform, make_loader, pretrain_transform, steps_per_epoch
+from ..errors import DataError
+from ..progress import Progress, format_seconds
+from ..viz.io import save_png
+from ..viz.reconstruction import reconstruction_grid
+from .build import batch_plan, build_adamw, build_model, make_accelerator, resolve_data
+from .optim import set_lr
+from .runtime import NonFiniteGuard, RunDir, StopSignal, TrainerState, read_state, save_checkpoint, setup_logging
+from .schedule import lr_at, schedule_steps
+
+log = logging.getLogger("mae_vit")
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    """Run (or resume) MAE pretraining as configured; returns a summary dict."""
+    t = cfg.train
+    run = RunDir(t.output_dir)
+    train_urls, val_urls = resolve_data(cfg.data)  # bad paths fail here, before anything is built
+    accelerator = make_accelerator(t.mixed_precision, str(run.path))
+    setup_logging(accelerator.is_main_process)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    resume_from = run.prepare(cfg, resume=t.resume, overwrite=t.overwrite, is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if cfg.data.train is None:
+        train_urls, val_urls = resolve_data(cfg.data, accelerator)
+        log.info("no data.train given: using the synthetic demo shards %s", train_urls)
+
+    d, m, o = cfg.data, cfg.model, cfg.optim
+    effective, accum, peak_lr = batch_plan(o, d.batch_size, world)
+    micro_per_epoch = steps_per_epoch(train_urls, world_size=world, num_workers=d.num_workers,
+                                      batch_size=d.batch_size, seed=t.seed)
+    steps_per_ep = micro_per_epoch // accum
+    if steps_per_ep == 0:
+        raise DataError(
+            f"one epoch of {train_urls} gives {micro_per_epoch} batches of {d.batch_size} per process on {world} "
+            f"process(es), fewer than the {accum} needed for one optimizer step; lower data.batch_size or "
+            "optim.effective_batch, or use more data."
+        )
+    warmup_steps, total_steps = schedule_steps(o.epochs, o.warmup_epochs, steps_per_ep)
+    last_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
+
+    torch.manual_seed(t.seed)  # the same initial weights on every process
+    model = build_model(m, mae=True)
+    optimizer = build_adamw(model, o, peak_lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainerState()
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = read_state(resume_from)
+        log.info("resuming from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
+    else:
+        log.info("starting a new run in %s", run.path)
+    if accelerator.is_main_process:
+        run.save_config(cfg)
+    accelerator.init_trackers("logs")
+    log.info("model %s (%.1fM parameters), %d process(es) x batch %d x %d accumulation = effective batch %d, "
+             "peak lr %.3g, %d steps/epoch, %d steps in all", m.name, sum(p.numel() for p in model.parameters()) / 1e6,
+             world, d.batch_size, accum, effective, peak_lr, steps_per_ep, total_steps)
+
+    unwrapped = accelerator.unwrap_model(model)
+    vis_imgs = _fixed_images(val_urls or train_urls, cfg) if accelerator.is_main_process else None
+    guard = NonFiniteGuard(accelerator.device)
+    stop = StopSignal()
+    transform = pretrain_transform(m.img_size, in_chans=m.in_chans, mean=list(d.mean), std=list(d.std),
+                                   crop_scale=tuple(d.crop_scale), interpolation=d.interpolation, hflip=d.hflip)
+    bar = Progress(last_step, "pretrain", unit="step", initial=state.step) if accelerator.is_main_process else None
+    last_ckpt = resume_from
+    first_loss = last_loss = None
+    meter = _Meter(accelerator.device)
+    model.train()
+
+    def checkpoint() -> None:
+        nonlocal last_ckpt
+        guard.check(accelerator, last_ckpt)  # never save a diverged state over a good one
+        last_ckpt = save_checkpoint(accelerator, run, state, t.keep_last)
+
+    while state.step < last_step and state.epoch < o.epochs:
+        epoch_micro = steps_per_epoch(train_urls, world_size=world, num_workers=d.num_workers,
+                                      batch_size=d.batch_size, seed=t.seed, epoch=state.epoch) // accum * accum
+        batches = _EpochBatches(lambda skip: make_loader(
+            train_urls, transform=transform, batch_size=d.batch_size, num_workers=d.num_workers, rank=rank,
+            world_size=world, seed=t.seed, epoch=state.epoch, shuffle_buffer=d.shuffle_buffer, with_labels=False,
+            in_chans=m.in_chans, pin_memory=accelerator.device.type == "cuda", skip_batches=skip),
+            state.batches_in_epoch)
+        while state.batches_in_epoch < epoch_micro and state.step < last_step:
+            lr = lr_at(state.step, peak_lr=peak_lr, min_lr=o.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+            set_lr(optimizer, lr)
+            for micro in range(accum):  # gradient accumulation: all-reduce only on the last micro-batch
+                batch = batches.next(meter)
+                imgs = batch["image"].to(accelerator.device, non_blocking=True)
+                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
+                    loss, _, _ = model(imgs, mask_ratio=m.mask_ratio)
+                    accelerator.backward(loss / accum)
+                guard.update(loss, state.step)
+                meter.add(loss, imgs.shape[0])
+                state.batches_in_epoch += 1
+            if o.clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), o.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            if bar:
+                bar.update()
+            if state.step % t.log_every == 0 or state.step == last_step:
+                guard.check(accelerator, last_ckpt)
+                stats = meter.flush(accelerator, world)
+                state.skipped_samples += stats["skipped"]
+                first_loss = stats["loss"] if first_loss is None else first_loss
+                last_loss = stats["loss"]
+                accelerator.log({"train/loss": stats["loss"], "train/lr": lr, "train/images_per_s": stats["img_s"],
+                                 "train/data_time": stats["data_time"], "train/skipped_samples": state.skipped_samples,
+                                 "train/epoch": state.epoch + state.batches_in_epoch / epoch_micro}, step=state.step)
+                _report(bar, state, last_step, stats, lr)
+                if stop.agreed(accelerator):
+                    log.info("stop signal received: saving a checkpoint at step %d and stopping", state.step)
+                    checkpoint()
+                    accelerator.end_training()
+                    return {"stopped": True, "step": state.step, "checkpoint": str(last_ckpt)}
+            if state.step % t.vis_every == 0 and accelerator.is_main_process:
+                _visualise(accelerator, unwrapped, vis_imgs, cfg, run, state.step)
+            if state.step % t.save_every == 0:
+                checkpoint()
+        if state.batches_in_epoch >= epoch_micro:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+    if bar:
+        bar.close()
+    checkpoint()
+    if accelerator.is_main_process:
+        _visualise(accelerator, unwrapped, vis_imgs, cfg, run, state.step)
+        export_safetensors(unwrapped, run.path / EXPORT_NAME)
+        log.info("done: step %d, loss %s -> %s; weights exported to %s", state.step, _fmt(first_loss),
+                 _fmt(last_loss), run.path / EXPORT_NAME)
+    accelerator.end_training()
+    return {"step": state.step, "epoch": state.epoch, "first_loss": first_loss, "last_loss": last_loss,
+            "checkpoint": str(last_ckpt), "weights": str(run.path / EXPORT_NAME)}
+
+
+class _Meter:
+    """Loss and throughput between logging steps; the loss sum stays on the device until `flush`."""
+
+    def __init__(self, device):
+        self.device = device
+        self._reset()
+
+    def _reset(self):
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.count = 0
+        self.images = 0
+        self.data_time = 0.0
+        self.skipped = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self.loss_sum += loss.detach().float()
+        self.count += 1
+        self.images += n
+
+    def flush(self, accelerator, world: int) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        totals = torch.tensor([self.count, self.skipped, self.data_time], device=self.device, dtype=torch.float64)
+        loss = accelerator.reduce(self.loss_sum.clone(), reduction="sum").item()
+        totals = accelerator.reduce(totals, reduction="sum").tolist()
+        stats = {"loss": loss / max(totals[0], 1), "skipped": int(totals[1]), "img_s": self.images * world / elapsed,
+                 "data_time": totals[2] / world / max(self.count, 1)}
+        self._reset()
+        return stats
+
+
+class _EpochBatches:
+    """One epoch's batches of this rank, starting after `skip` (the resumed data position).
+
+    The number of steps per epoch is planned from the shard index; if bad samples leave this rank
+    short, it starts its share over (and says so) rather than leave the other ranks waiting.
+    """
+
+    def __init__(self, make, skip: int):
+        self.make = make
+        self.it = iter(make(skip))
+
+    def next(self, meter: "_Meter") -> dict:
+        t0 = time.perf_counter()
+        batch = next(self.it, None)
+        if batch is None:
+            log.warning("this rank ran out of batches before the planned end of the epoch (skipped samples?); "
+                        "re-reading its shards from the start to keep all ranks in step")
+            self.it = iter(self.make(0))
+            batch = next(self.it, None)
+            if batch is None:
+                raise DataError("no readable samples left in this rank's shards; check the data (see the warnings).")
+        meter.data_time += time.perf_counter() - t0
+        meter.skipped += batch["skipped"]
+        return batch
+
+
+def _fmt(x) -> str:
+    return "?" if x is None else f"{x:.4f}"
+
+
+def _report(bar, state: TrainerState, last_step: int, stats: dict, lr: float) -> None:
+    text = f"loss {stats['loss']:.4f}  lr {lr:.2e}  {stats['img_s']:.0f} img/s"
+    if bar is None:
+        return
+    if bar.enabled:
+        bar.update(0, postfix=text)
+    else:
+        eta = bar.eta()
+        log.info("step %d/%d  epoch %d  %s  skipped %d  eta %s", state.step, last_step, state.epoch, text,
+                 state.skipped_samples, format_seconds(eta))
+
+
+def _fixed_images(urls: str, cfg: DictConfig, n: int = 8):
+    """The first `n` images of the validation (else training) shards and a fixed mask, for the grids."""
+    m, d = cfg.model, cfg.data
+    tf = eval_transform(m.img_size, in_chans=m.in_chans, mean=list(d.mean), std=list(d.std), crop_pct=1.0,
+                        interpolation=d.interpolation)
+    loader = make_loader(urls, transform=tf, batch_size=n, num_workers=0, shuffle=False, with_labels=False,
+                         in_chans=m.in_chans, drop_last=False)
+    batch = next(iter(loader), None)
+    return None if batch is None else batch["image"][:n]
+
+
+def _visualise(accelerator, model, imgs, cfg: DictConfig, run: RunDir, step: int) -> None:
+    """Original / masked / reconstruction grid of the fixed images (the same mask every time): TensorBoard + PNG."""
+    if imgs is None:
+        return
+    noise = torch.rand(imgs.shape[0], model.patch_embed.num_patches, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        grid = reconstruction_grid(model, imgs.to(accelerator.device), mask_ratio=cfg.model.mask_ratio,
+                                   mean=list(cfg.data.mean), std=list(cfg.data.std), noise=noise.to(accelerator.device))
+    model.train(was_training)
+    grid = grid.float().cpu()
+    save_png(grid, run.path / "reconstructions" / f"step_{step:07d}.png")
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    if hasattr(tracker, "add_image"):
+        tracker.add_image("reconstruction", grid, step)

@@ -1,0 +1,213 @@
+"""What every training loop shares: the run directory, atomic checkpoints, resume, logging, guards.
+
+Run directory layout (`train.output_dir`):
+    config.yaml                 the resolved config of the run
+    checkpoints/step_000500/    Accelerate `save_state` (model, optimizer, scaler, RNG states per
+                                process) + `trainer_state.json` (step, epoch, data position) + `COMPLETE`
+    logs/                       TensorBoard event files
+    model.safetensors           the exported weights (official key names), written at the end
+
+Checkpoints are written to `checkpoints/.tmp-step_N`, completed with a `COMPLETE` marker and only then
+renamed to `step_N`; resume only looks at complete `step_*` folders, so a checkpoint that was being
+written when the process died is never taken for a good one. The last `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import save_config
+from ..errors import ConfigError, NonFiniteLossError
+
+log = logging.getLogger("mae_vit")
+
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where a run is: optimizer steps done, the epoch it is in and how many batches of it were used."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (the data position)
+    skipped_samples: int = 0
+    best_metric: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class RunDir:
+    """A run's output directory: layout, start-or-resume decision, checkpoint files."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        self.checkpoints = self.path / "checkpoints"
+        self.logs = self.path / "logs"
+        self.config_file = self.path / "config.yaml"
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / COMPLETE).is_file() and (p / STATE_FILE).is_file():
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        ckpts = self.complete_checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def has_results(self) -> bool:
+        """Anything worth keeping: a complete checkpoint or exported weights."""
+        return self.latest() is not None or (self.path / "model.safetensors").exists()
+
+    def prepare(self, cfg: DictConfig, *, resume: bool, overwrite: bool, is_main: bool) -> Path | None:
+        """Decide between a fresh start and a resume; returns the checkpoint to resume from (or None).
+
+        - resume=true and a complete checkpoint exists: resume from the newest one.
+        - resume=false and the directory holds results: refuse unless overwrite=true (then the old
+          checkpoints, logs and weights are deleted: the user asked for it by name).
+        - otherwise: a fresh start (left-over half-written checkpoints are removed).
+        """
+        latest = self.latest()
+        if latest is not None and resume:
+            self._check_same_model(cfg)
+            return latest
+        if self.has_results() and not resume:
+            if not overwrite:
+                raise ConfigError(
+                    f"the output directory {self.path} already holds a run (checkpoints or exported weights), and "
+                    "train.resume=false asks to start over. Nothing was changed. Re-run without train.resume=false to "
+                    "continue it, choose another --output-dir, or add train.overwrite=true to delete that run and start over."
+                )
+            if is_main:
+                for sub in (self.checkpoints, self.logs):
+                    shutil.rmtree(sub, ignore_errors=True)
+                for name in ("model.safetensors", "config.yaml"):
+                    (self.path / name).unlink(missing_ok=True)
+        if is_main and self.checkpoints.is_dir():
+            for p in self.checkpoints.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+        return None
+
+    def _check_same_model(self, cfg: DictConfig) -> None:
+        if not self.config_file.is_file() or "model" not in cfg:
+            return
+        saved = OmegaConf.load(self.config_file)
+        if "model" in saved and OmegaConf.to_container(saved.model) != OmegaConf.to_container(cfg.model):
+            raise ConfigError(
+                f"{self.path} holds a run of another model configuration (see {self.config_file}); resuming it with "
+                f"different model.* settings would not fit its weights. Use the same model settings, another "
+                "--output-dir, or train.resume=false train.overwrite=true to start over there."
+            )
+
+    def save_config(self, cfg: DictConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.config_file)
+
+
+def read_state(ckpt: Path) -> TrainerState:
+    with open(ckpt / STATE_FILE) as f:
+        return TrainerState(**json.load(f))
+
+
+def save_checkpoint(accelerator, run: RunDir, state: TrainerState, keep_last: int) -> Path:
+    """Atomically write a checkpoint of the prepared objects plus `state`; keep the last `keep_last`.
+
+    Every process must call this (Accelerate saves each process's RNG state).
+    """
+    final = run.checkpoints / f"step_{state.step:07d}"
+    tmp = run.checkpoints / f".tmp-step_{state.step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump(asdict(state), f, indent=1)
+        _fsync_dir(tmp)
+        (tmp / COMPLETE).write_text(f"step {state.step} saved {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        if final.exists():  # the same step saved twice (e.g. a final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in run.complete_checkpoints()[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+class NonFiniteGuard:
+    """Remembers the first step whose loss was not finite, without a host sync per step.
+
+    `update` runs on the device; `check` (at logging and before every checkpoint) syncs once and raises
+    `NonFiniteLossError` naming the step, so a bad state is never saved over a good checkpoint.
+    """
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, accelerator, last_good: Path | None) -> None:
+        first = accelerator.reduce(self.first_bad.clone(), reduction="max")
+        if int(first) >= 0:
+            where = f"the last good checkpoint, untouched, is {last_good}" if last_good else "no checkpoint had been written yet"
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite at optimizer step {int(first) + 1}; the run stopped and {where}. "
+                "Common fixes: a lower learning rate (optim.base_lr), gradient clipping (optim.clip_grad=1.0), "
+                "train.mixed_precision=bf16 instead of fp16, or checking the input data for broken images."
+            )
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (cluster pre-emption) ask the loop to save a checkpoint and stop cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                try:
+                    signal.signal(sig, self._handler)
+                except ValueError:  # not in the main thread
+                    pass
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, accelerator) -> bool:
+        """True when any process got the signal (so that all stop at the same step)."""
+        flag = torch.tensor(int(self.requested), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum") > 0)
+
+
+def setup_logging(is_main: bool) -> None:
+    """Our messages at INFO on the main process only; Accelerate's per-save chatter stays quiet."""
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s", force=True)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)

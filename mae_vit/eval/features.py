@@ -1,0 +1,84 @@
+"""Run a frozen encoder over a data loader and collect (features, labels) for kNN / few-shot evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from mae_vit.errors import DataError
+from mae_vit.eval.distributed import gather_rows
+
+
+def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) from a batch dict with "image"/"label" (mae_vit loaders) or a sequence (inputs, labels, ...)."""
+    if isinstance(batch, dict):
+        if "image" in batch and "label" in batch:
+            return batch["image"], batch["label"]
+        raise ValueError(
+            f"a batch dict needs 'image' and 'label' keys, got {sorted(batch)}; build the loader with labels"
+        )
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(f"a batch must be (inputs, labels, ...) or a dict, got {type(batch).__name__}")
+
+
+def _prepared_by_accelerate(loader) -> bool:
+    """True for a loader returned by `accelerator.prepare` (whose last batch may hold padding duplicates)."""
+    try:
+        from accelerate.data_loader import DataLoaderStateMixin
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return False
+    return isinstance(loader, DataLoaderStateMixin)
+
+
+@torch.no_grad()
+def extract_features(
+    model_fn: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    accelerator=None,
+    *,
+    device: torch.device | str | None = None,
+    per_batch_gather: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `model_fn` to every batch's inputs; return all features (N, D) float32 and labels (N,) int64, on CPU.
+
+    Each batch is a dict with "image" and "label" (mae_vit loaders) or a sequence `(inputs, labels, ...)`.
+    `model_fn` maps inputs (B, ...) to features (B, D). Put the model in eval mode first: this function
+    only disables autograd. Inputs are moved to `device`, or to `accelerator.device` when an accelerator
+    is given and `device` is not.
+
+    With an accelerator every process returns the features of the whole dataset, each sample once:
+    - `per_batch_gather=True` (the default for a loader prepared by `accelerator.prepare`): each batch
+      is gathered with `gather_for_metrics`, which drops the duplicates padding the last uneven batch;
+    - `per_batch_gather=False` (the default otherwise, e.g. mae_vit's rank-sharded `make_loader`):
+      each process keeps its own share and the shares are concatenated once at the end (rank 0's
+      first); shares may differ in size, and a rank may have no batch at all.
+    """
+    if per_batch_gather is None:
+        per_batch_gather = accelerator is not None and _prepared_by_accelerate(loader)
+    if device is None and accelerator is not None:
+        device = accelerator.device
+    feats, labels = [], []
+    for batch in loader:
+        x, y = _split_batch(batch)
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+        f = model_fn(x)  # (B, D)
+        if f.ndim != 2:
+            raise ValueError(f"model_fn must return (B, D) features, got shape {tuple(f.shape)}")
+        y = torch.as_tensor(y, device=f.device)
+        if accelerator is not None and per_batch_gather:
+            f, y = accelerator.gather_for_metrics((f.contiguous(), y.contiguous()))
+        feats.append(f.detach().float().cpu())
+        labels.append(y.detach().long().cpu())
+    feats_t = torch.cat(feats) if feats else torch.zeros(0, 0)  # (n, D)
+    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)  # (n,)
+    if accelerator is not None and not per_batch_gather:
+        feats_t, labels_t = gather_rows(accelerator, feats_t), gather_rows(accelerator, labels_t)
+    if feats_t.shape[0] == 0:
+        raise DataError(
+            "Feature extraction saw no samples: the data loader is empty. Check the data path and split, and that "
+            "the batch size is not larger than the dataset with drop_last enabled."
+        )
+    return feats_t, labels_t

@@ -1,0 +1,22 @@
+"""MAE pretraining. `python tools/pretrain.py` (demo on synthetic data) or
+`accelerate launch tools/pretrain.py --config configs/pretrain/mae_vit_base_in1k.yaml --data 'shards/{000000..000999}.tar'`.
+Run with --help for every option."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from mae_vit.cli import run_tool
+from mae_vit.config import PretrainConfig, parse_config
+
+
+def main(argv):
+    cfg = parse_config(PretrainConfig, argv, prog="pretrain.py")
+    from mae_vit.engine.pretrain import pretrain  # after parsing: --help and config errors stay fast
+
+    pretrain(cfg)
+
+
+if __name__ == "__main__":
+    run_tool(main)
