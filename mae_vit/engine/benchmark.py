@@ -141,13 +141,14 @@ def build_mae(name: str, img_size: int, **options) -> MaskedAutoencoderViT:
 def _attention_flops(q_shape, k_shape, v_shape) -> Tuple[int, int]:
     """(forward, backward) FLOPs of softmax(Q K^T) V with q (B, H, Sq, D), k (B, H, Sk, D), v (B, H, Sk, Dv).
 
-    Forward: Q K^T and P V. Backward (flash style): Q K^T again, dP = dO V^T, dV = P^T dO, dQ = dS K,
-    dK = dS^T Q. The same formulas torch uses for its CUDA attention kernels.
+    Forward: S = Q K^T and P V. Backward (flash style): S again, dQ = dS K and dK = dS^T Q (each the
+    size of Q K^T), dP = dO V^T and dV = P^T dO (each the size of P V). The same formulas torch uses
+    for its CUDA attention kernels.
     """
     b, h, sq, d = q_shape
     sk, dv = k_shape[-2], v_shape[-1]
     qk, pv = 2 * b * h * sq * sk * d, 2 * b * h * sq * sk * dv
-    return qk + pv, 2 * qk + 3 * pv
+    return qk + pv, 3 * qk + 2 * pv
 
 
 def _cpu_attention_forward(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:

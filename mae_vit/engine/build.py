@@ -6,15 +6,23 @@ This is the one place where config sections are unpacked into explicit arguments
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
+from collections.abc import Collection, Sequence
+from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from ..checkpoint import LoadReport, load_weights
+from ..config import validate_config
 from ..data import ensure_demo_shards, expand_urls
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..models import create_model
 from .optim import build_optimizer, param_groups
 from .schedule import accumulation_steps, scaled_lr
@@ -68,7 +76,10 @@ def make_accelerator(mixed_precision: str, output_dir: str) -> Accelerator:
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use 'no' or 'bf16'.")
     project = ProjectConfiguration(project_dir=output_dir, logging_dir=output_dir)
-    return Accelerator(mixed_precision=mixed_precision, log_with="tensorboard", project_config=project)
+    # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` or torchrun on a machine
+    # without GPUs then form a gloo (MULTI_CPU) group instead of each running alone.
+    return Accelerator(mixed_precision=mixed_precision, log_with="tensorboard", project_config=project,
+                       cpu=not torch.cuda.is_available())
 
 
 def batch_plan(optim: DictConfig, batch_size: int, world_size: int) -> tuple[int, int, float]:
@@ -82,3 +93,169 @@ def batch_plan(optim: DictConfig, batch_size: int, world_size: int) -> tuple[int
 def build_adamw(model: torch.nn.Module, optim: DictConfig, lr: float, *, layer_decay: float = 1.0):
     groups = param_groups(model, optim.weight_decay, layer_decay=layer_decay)
     return build_optimizer("adamw", groups, lr=lr, betas=tuple(optim.betas))
+
+
+# --------------------------------------------------------------------------------------------
+# The model a checkpoint was trained as (evaluate, visualize)
+# --------------------------------------------------------------------------------------------
+
+RUN_CONFIG = "config.yaml"  # written into every run directory by the training tools (RunDir.save_config)
+ENCODER_PREFIXES = ("patch_embed.", "blocks.", "cls_token")  # weights without which features mean nothing
+
+
+def find_run_config(checkpoint: str | os.PathLike) -> Path | None:
+    """The `config.yaml` of the run that `checkpoint` belongs to, or None (a foreign file, e.g. an official .pth).
+
+    Looked for in the path itself when it is a run directory (`runs/finetune`), beside a weights file
+    (`runs/finetune/best.safetensors`), and above a `checkpoints/` folder
+    (`runs/pretrain/checkpoints/step_0000500[/model.safetensors]`).
+    """
+    path = Path(checkpoint).expanduser()
+    folders = [path] if path.is_dir() else []
+    folders.append(path.parent)
+    for folder in list(folders):
+        if folder.parent.name == "checkpoints":  # .../checkpoints/step_N -> the run directory
+            folders.append(folder.parent.parent)
+    for folder in folders:
+        if (folder / RUN_CONFIG).is_file():
+            return folder / RUN_CONFIG
+    return None
+
+
+def user_set_keys(cfg: DictConfig, argv: Sequence[str] = ()) -> set[str]:
+    """Dotted keys the user chose: those that differ from the tool's defaults, plus `key=value` words of `argv`.
+
+    The second part catches a value set explicitly to the default (`model.img_size=32` to evaluate a
+    64 px run at 32 px); the first catches values from `--config` files. Flags (`--data DIR`) and
+    their values are not keys.
+    """
+    defaults = OmegaConf.structured(OmegaConf.get_type(cfg))
+    keys: set[str] = set()
+
+    def walk(node, default, prefix: str) -> None:
+        for name in node:
+            here, value = prefix + str(name), node[name]
+            if isinstance(value, DictConfig):
+                walk(value, default[name], here + ".")
+            elif _plain(value) != _plain(default[name]):
+                keys.add(here)
+
+    walk(cfg, defaults, "")
+    words = iter(argv)
+    for word in words:
+        if word.startswith("-"):
+            if "=" not in word:
+                next(words, None)  # the flag's value
+            continue
+        key, has_value, _ = word.partition("=")
+        if has_value and key.strip():
+            keys.add(key.strip())
+    return keys
+
+
+def _plain(value):
+    """A config value as plain Python (ListConfig -> list), for comparing."""
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+
+
+def model_config_from_run(checkpoint: str | os.PathLike, cfg: DictConfig, *,
+                          user_keys: Collection[str] = ()) -> DictConfig:
+    """A copy of `cfg` whose `model` section and `data.mean`/`data.std` come from the checkpoint's run.
+
+    Precedence: the tool's defaults < the run's `config.yaml` (see `find_run_config`) < the keys in
+    `user_keys` (what the user set; `user_set_keys`). A fine-tuning run's `resolution` becomes
+    `model.img_size`. Keys of the run file that this toolkit's model section does not know are
+    ignored. Without a run config (a foreign checkpoint) `cfg` is returned unchanged: the user
+    describes the model with model.* keys. The result is validated (e.g. in_chans against mean/std).
+    """
+    found = find_run_config(checkpoint)
+    if found is None:
+        return cfg
+    try:
+        run = yaml.safe_load(found.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read the run config {found} that belongs to the checkpoint ({e}); fix or "
+                          "remove that file, or pass the weights file from another folder.") from None
+    if not isinstance(run, dict) or not isinstance(run.get("model"), dict) or "name" not in run["model"]:
+        log.warning("%s has no model section; describing the model from the command line only", found)
+        return cfg
+    taken = dict(run["model"])
+    if run.get("resolution") is not None:  # fine-tuning at another resolution than the model's default
+        taken["img_size"] = run["resolution"]
+    data = run.get("data") if isinstance(run.get("data"), dict) else {}
+    updates = [(f"model.{k}", v) for k, v in taken.items() if k in cfg.model]
+    updates += [(f"data.{k}", data[k]) for k in ("mean", "std") if k in data and "data" in cfg]
+    out = copy.deepcopy(cfg)
+    for key, value in updates:
+        if key in user_keys:
+            continue
+        try:
+            OmegaConf.update(out, key, value, merge=False)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"the run config {found} has {key}={value!r}, which does not fit this toolkit's "
+                              f"config ({type(e).__name__}); set {key}=... on the command line.") from None
+    validate_config(out)
+    log.info("model settings from %s: %s", found, OmegaConf.to_container(out.model))
+    return out
+
+
+def classifier_options(state_dict: dict, num_classes: int | None) -> dict:
+    """Classifier options the weights decide: `probe_bn`, `global_pool` and (when not given) `num_classes`.
+
+    - `head.1.weight` (a BatchNorm `head.0` before the linear layer): a linear-probe classifier.
+    - `fc_norm.*`: global average pooling; a final `norm.*` without `fc_norm`: the class token.
+    - `num_classes`: the given value, else the rows of the head's weight; None when neither.
+    """
+    probe_bn = "head.1.weight" in state_dict
+    head = state_dict.get("head.1.weight" if probe_bn else "head.weight")
+    out = {"probe_bn": probe_bn}
+    if any(k.startswith("fc_norm.") for k in state_dict):
+        out["global_pool"] = True
+    elif any(k.startswith("norm.") for k in state_dict):
+        out["global_pool"] = False
+    if num_classes is None and head is not None and head.ndim == 2:
+        num_classes = int(head.shape[0])
+    out["num_classes"] = num_classes
+    return out
+
+
+def build_model_for_weights(model: DictConfig, state_dict: dict, *, num_classes: int | None = None) -> torch.nn.Module:
+    """The model of `model.name` (MAE or classifier) shaped to take `state_dict` (see `classifier_options`).
+
+    `num_classes` is the fallback for a classifier when neither `model.num_classes` nor the weights say.
+    """
+    mae = model.name.startswith("mae_")
+    if mae:
+        return build_model(model, mae=True)
+    options = classifier_options(state_dict, model.num_classes)
+    if options["num_classes"] is None:
+        options["num_classes"] = num_classes
+    if options["num_classes"] is None:
+        raise ConfigError(f"cannot tell how many classes the classifier {model.name} has: the checkpoint has no head "
+                          "and model.num_classes is not set. Set model.num_classes=K.")
+    return create_model(model.name, **{**model_kwargs(model, mae=False), **options})
+
+
+def model_from_weights(model: DictConfig, state_dict: dict, *, source: str | os.PathLike,
+                       num_classes: int | None = None) -> tuple[torch.nn.Module, LoadReport]:
+    """Build the model for `state_dict` (`build_model_for_weights`), load it, check the encoder was in it.
+
+    Returns (model in eval mode, the LoadReport); the report is logged by `load_weights`. `source` (the
+    checkpoint path) only names the file in errors. Note: `state_dict` may be changed (resized entries).
+    """
+    net = build_model_for_weights(model, state_dict, num_classes=num_classes)
+    report = load_weights(net, state_dict)
+    check_encoder_loaded(report, source)
+    return net.eval(), report
+
+
+def check_encoder_loaded(report: LoadReport, checkpoint: str | os.PathLike) -> None:
+    """CheckpointError when the encoder's own weights were not in the checkpoint (wrong file or model)."""
+    missing = [k for k in report.missing if k.startswith(ENCODER_PREFIXES)]
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint} holds no weights for the encoder's {', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''} ({len(missing)} encoder tensors missing), so the results would "
+            "describe a random network. Pass a checkpoint of this model (a run directory, its .safetensors, an "
+            "official MAE .pth or timm weights) and set model.name to the model it was trained as."
+        )

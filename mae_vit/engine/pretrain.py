@@ -8,7 +8,6 @@ host per step: loss sums and the non-finite check stay on the device until a log
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import nullcontext
 
 import torch
@@ -17,12 +16,13 @@ from omegaconf import DictConfig
 from ..checkpoint import EXPORT_NAME, export_safetensors
 from ..data import eval_transform, make_loader, pretrain_transform, steps_per_epoch
 from ..errors import DataError
-from ..progress import Progress, format_seconds
+from ..progress import Progress
 from ..viz.io import save_png
 from ..viz.reconstruction import reconstruction_grid
 from .build import batch_plan, build_adamw, build_model, make_accelerator, resolve_data
 from .optim import set_lr
-from .runtime import NonFiniteGuard, RunDir, StopSignal, TrainerState, read_state, save_checkpoint, setup_logging
+from .runtime import (EpochBatches, NonFiniteGuard, RunDir, StopSignal, TrainerState, TrainMeter, read_state,
+                      report_progress, save_checkpoint, setup_logging)
 from .schedule import lr_at, schedule_steps
 
 log = logging.getLogger("mae_vit")
@@ -83,7 +83,7 @@ def pretrain(cfg: DictConfig) -> dict:
     bar = Progress(last_step, "pretrain", unit="step", initial=state.step) if accelerator.is_main_process else None
     last_ckpt = resume_from
     first_loss = last_loss = None
-    meter = _Meter(accelerator.device)
+    meter = TrainMeter(accelerator.device)
     model.train()
 
     def checkpoint() -> None:
@@ -94,7 +94,7 @@ def pretrain(cfg: DictConfig) -> dict:
     while state.step < last_step and state.epoch < o.epochs:
         epoch_micro = steps_per_epoch(train_urls, world_size=world, num_workers=d.num_workers,
                                       batch_size=d.batch_size, seed=t.seed, epoch=state.epoch) // accum * accum
-        batches = _EpochBatches(lambda skip: make_loader(
+        batches = EpochBatches(lambda skip: make_loader(
             train_urls, transform=transform, batch_size=d.batch_size, num_workers=d.num_workers, rank=rank,
             world_size=world, seed=t.seed, epoch=state.epoch, shuffle_buffer=d.shuffle_buffer, with_labels=False,
             in_chans=m.in_chans, pin_memory=accelerator.device.type == "cuda", skip_batches=skip),
@@ -127,7 +127,7 @@ def pretrain(cfg: DictConfig) -> dict:
                 accelerator.log({"train/loss": stats["loss"], "train/lr": lr, "train/images_per_s": stats["img_s"],
                                  "train/data_time": stats["data_time"], "train/skipped_samples": state.skipped_samples,
                                  "train/epoch": state.epoch + state.batches_in_epoch / epoch_micro}, step=state.step)
-                _report(bar, state, last_step, stats, lr)
+                report_progress(bar, state, last_step, stats, lr)
                 if stop.agreed(accelerator):
                     log.info("stop signal received: saving a checkpoint at step %d and stopping", state.step)
                     checkpoint()
@@ -154,77 +154,8 @@ def pretrain(cfg: DictConfig) -> dict:
             "checkpoint": str(last_ckpt), "weights": str(run.path / EXPORT_NAME)}
 
 
-class _Meter:
-    """Loss and throughput between logging steps; the loss sum stays on the device until `flush`."""
-
-    def __init__(self, device):
-        self.device = device
-        self._reset()
-
-    def _reset(self):
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.count = 0
-        self.images = 0
-        self.data_time = 0.0
-        self.skipped = 0
-        self.start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, n: int) -> None:
-        self.loss_sum += loss.detach().float()
-        self.count += 1
-        self.images += n
-
-    def flush(self, accelerator, world: int) -> dict:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        totals = torch.tensor([self.count, self.skipped, self.data_time], device=self.device, dtype=torch.float64)
-        loss = accelerator.reduce(self.loss_sum.clone(), reduction="sum").item()
-        totals = accelerator.reduce(totals, reduction="sum").tolist()
-        stats = {"loss": loss / max(totals[0], 1), "skipped": int(totals[1]), "img_s": self.images * world / elapsed,
-                 "data_time": totals[2] / world / max(self.count, 1)}
-        self._reset()
-        return stats
-
-
-class _EpochBatches:
-    """One epoch's batches of this rank, starting after `skip` (the resumed data position).
-
-    The number of steps per epoch is planned from the shard index; if bad samples leave this rank
-    short, it starts its share over (and says so) rather than leave the other ranks waiting.
-    """
-
-    def __init__(self, make, skip: int):
-        self.make = make
-        self.it = iter(make(skip))
-
-    def next(self, meter: "_Meter") -> dict:
-        t0 = time.perf_counter()
-        batch = next(self.it, None)
-        if batch is None:
-            log.warning("this rank ran out of batches before the planned end of the epoch (skipped samples?); "
-                        "re-reading its shards from the start to keep all ranks in step")
-            self.it = iter(self.make(0))
-            batch = next(self.it, None)
-            if batch is None:
-                raise DataError("no readable samples left in this rank's shards; check the data (see the warnings).")
-        meter.data_time += time.perf_counter() - t0
-        meter.skipped += batch["skipped"]
-        return batch
-
-
 def _fmt(x) -> str:
     return "?" if x is None else f"{x:.4f}"
-
-
-def _report(bar, state: TrainerState, last_step: int, stats: dict, lr: float) -> None:
-    text = f"loss {stats['loss']:.4f}  lr {lr:.2e}  {stats['img_s']:.0f} img/s"
-    if bar is None:
-        return
-    if bar.enabled:
-        bar.update(0, postfix=text)
-    else:
-        eta = bar.eta()
-        log.info("step %d/%d  epoch %d  %s  skipped %d  eta %s", state.step, last_step, state.epoch, text,
-                 state.skipped_samples, format_seconds(eta))
 
 
 def _fixed_images(urls: str, cfg: DictConfig, n: int = 8):

@@ -28,7 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import save_config
-from ..errors import ConfigError, NonFiniteLossError
+from ..errors import ConfigError, DataError, NonFiniteLossError
+from ..progress import format_seconds
 
 log = logging.getLogger("mae_vit")
 
@@ -50,10 +51,15 @@ class TrainerState:
 
 
 class RunDir:
-    """A run's output directory: layout, start-or-resume decision, checkpoint files."""
+    """A run's output directory: layout, start-or-resume decision, checkpoint files.
 
-    def __init__(self, path: str | os.PathLike):
+    `extra_outputs`: names of further files a loop writes into the run directory (fine-tuning's
+    `best.safetensors`, `metrics.json`, ...); an explicit overwrite deletes them with the rest.
+    """
+
+    def __init__(self, path: str | os.PathLike, extra_outputs: tuple[str, ...] = ()):
         self.path = Path(path).expanduser()
+        self.extra_outputs = tuple(extra_outputs)
         self.checkpoints = self.path / "checkpoints"
         self.logs = self.path / "logs"
         self.config_file = self.path / "config.yaml"
@@ -85,6 +91,9 @@ class RunDir:
           checkpoints, logs and weights are deleted: the user asked for it by name).
         - otherwise: a fresh start (left-over half-written checkpoints are removed).
         """
+        if is_main and self.checkpoints.is_dir():  # half-written checkpoints of a crashed run
+            for p in self.checkpoints.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
         latest = self.latest()
         if latest is not None and resume:
             self._check_same_model(cfg)
@@ -99,11 +108,8 @@ class RunDir:
             if is_main:
                 for sub in (self.checkpoints, self.logs):
                     shutil.rmtree(sub, ignore_errors=True)
-                for name in ("model.safetensors", "config.yaml"):
+                for name in ("model.safetensors", "config.yaml", *self.extra_outputs):
                     (self.path / name).unlink(missing_ok=True)
-        if is_main and self.checkpoints.is_dir():
-            for p in self.checkpoints.glob(".tmp-*"):
-                shutil.rmtree(p, ignore_errors=True)
         return None
 
     def _check_same_model(self, cfg: DictConfig) -> None:
@@ -211,3 +217,89 @@ def setup_logging(is_main: bool) -> None:
     """Our messages at INFO on the main process only; Accelerate's per-save chatter stays quiet."""
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s", force=True)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write `obj` as indented JSON atomically (a temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class TrainMeter:
+    """Loss and throughput between logging steps; the loss sum stays on the device until `flush`."""
+
+    def __init__(self, device):
+        self.device = device
+        self._reset()
+
+    def _reset(self):
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.count = 0
+        self.images = 0
+        self.data_time = 0.0
+        self.skipped = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self.loss_sum += loss.detach().float()
+        self.count += 1
+        self.images += n
+
+    def flush(self, accelerator, world: int) -> dict:
+        """Mean loss over all processes since the last flush, images/s, data time, skipped samples (a collective)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        totals = torch.tensor([self.count, self.skipped, self.data_time], device=self.device, dtype=torch.float64)
+        loss = accelerator.reduce(self.loss_sum.clone(), reduction="sum").item()
+        totals = accelerator.reduce(totals, reduction="sum").tolist()
+        stats = {"loss": loss / max(totals[0], 1), "skipped": int(totals[1]), "img_s": self.images * world / elapsed,
+                 "data_time": totals[2] / world / max(self.count, 1)}
+        self._reset()
+        return stats
+
+
+class EpochBatches:
+    """One epoch's batches of this rank, starting after `skip` (the resumed data position).
+
+    `make(skip)` returns an iterable of batch dicts (with `skipped`, the bad samples behind them). The
+    number of steps per epoch is planned from the shard index; if bad samples leave this rank short,
+    it starts its share over (and says so) rather than leave the other ranks waiting.
+    """
+
+    def __init__(self, make, skip: int):
+        self.make = make
+        self.it = iter(make(skip))
+
+    def next(self, meter: TrainMeter) -> dict:
+        t0 = time.perf_counter()
+        batch = next(self.it, None)
+        if batch is None:
+            log.warning("this rank ran out of batches before the planned end of the epoch (skipped samples?); "
+                        "re-reading its shards from the start to keep all ranks in step")
+            self.it = iter(self.make(0))
+            batch = next(self.it, None)
+            if batch is None:
+                raise DataError("no readable samples left in this rank's shards; check the data (see the warnings).")
+        meter.data_time += time.perf_counter() - t0
+        meter.skipped += batch["skipped"]
+        return batch
+
+
+def report_progress(bar, state: TrainerState, last_step: int, stats: dict, lr: float) -> None:
+    """Training stats on the progress bar (a terminal) or as a log line with the ETA (log files)."""
+    text = f"loss {stats['loss']:.4f}  lr {lr:.2e}  {stats['img_s']:.0f} img/s"
+    if bar is None:
+        return
+    if bar.enabled:
+        bar.update(0, postfix=text)
+    else:
+        eta = bar.eta()
+        log.info("step %d/%d  epoch %d  %s  skipped %d  eta %s", state.step, last_step, state.epoch, text,
+                 state.skipped_samples, format_seconds(eta))

@@ -1,0 +1,237 @@
+"""Evaluate a checkpoint: top-1/top-5 of its classifier, kNN and few-shot accuracy of its frozen features.
+
+1. Model: the checkpoint's run directory says what was trained (`model_config_from_run`: defaults <
+   the run's config.yaml < the user's model.* keys); the weights decide probe_bn, global_pool and an
+   unset num_classes. The LoadReport is logged.
+2. Data: data.val (always) and data.train (the kNN / few-shot pool); without --data the synthetic
+   demo shards. Evaluation transform (resize + centre crop), file order, nothing dropped. Each process
+   reads its own share of the shards (make_loader's rank split, not `accelerator.prepare`) and the
+   shares are combined once at the end, so every sample is counted exactly once on any number of
+   processes (plain python or `accelerate launch`).
+3. Metrics (`metrics=[...]`):
+     top1     top-1 / top-5 / mean cross-entropy of the classifier on data.val
+     knn      weighted kNN of val features against train features (knn.k, knn.temperature)
+     fewshot  closed-form ridge regression on fewshot.shots examples per class, mean ± std over
+              fewshot.draws random draws (fewshot.l2)
+   Features: the class token after the final norm for an MAE; a classifier's pooled pre-head features.
+4. `{output_dir}/metrics.json` (written by the main process) and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Collection, Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from ..checkpoint import read_file, to_state_dict
+from ..data import eval_transform, expand_urls, make_loader, read_index
+from ..data.split import worker_batch_counts, worker_sample_counts
+from ..data.urls import shard_sample_counts
+from ..errors import CheckpointError, ConfigError, DataError
+from ..eval import ClassificationMeter, extract_features, fewshot_linear, knn_accuracy
+from ..eval.metrics import check_label_range
+from ..progress import Progress
+from ..viz.io import save_json
+from .build import make_accelerator, model_config_from_run, model_from_weights, resolve_data
+from .runtime import setup_logging
+
+log = logging.getLogger("mae_vit")
+
+METRICS_FILE = "metrics.json"
+TOOL_MARK = "evaluate"  # metrics.json files carrying {"tool": "evaluate"} may be replaced by a new evaluation
+FEWSHOT_SEED = 0
+
+
+def evaluate(cfg: DictConfig, *, user_keys: Collection[str] = ()) -> dict:
+    """Evaluate `cfg.checkpoint` as configured (EvaluateConfig); returns the dict written to metrics.json.
+
+    `user_keys`: the dotted keys the user set (`build.user_set_keys`); they win over the run's
+    config.yaml, and `metrics` among them makes `top1` on an MAE checkpoint an error rather than a
+    skipped metric. Every process must call this; each returns the same numbers.
+    """
+    if cfg.checkpoint is None:
+        raise ConfigError("no checkpoint to evaluate: pass --checkpoint PATH (a run directory such as runs/finetune, "
+                          "a .safetensors file in one, or an official MAE / timm weights file).")
+    out_dir = Path(cfg.output_dir).expanduser()
+    check_output_dir(out_dir)
+    accelerator = make_accelerator("no", str(out_dir))
+    setup_logging(accelerator.is_main_process)
+    cfg = model_config_from_run(cfg.checkpoint, cfg, user_keys=user_keys)
+    state_dict = to_state_dict(read_file(cfg.checkpoint))  # a bad path fails here, before any data is touched
+    train_urls, val_urls = resolve_data(cfg.data, accelerator)
+    if val_urls is None:
+        raise DataError("evaluation needs labelled validation shards: set data.val=URLS (brace-expanded WebDataset "
+                        "shards with labels, e.g. data.val='data/val/shard-{000000..000009}.tar').")
+    index = read_index(val_urls) or read_index(train_urls)
+    index_classes = index["num_classes"] if index else None
+
+    m, d = cfg.model, cfg.data
+    model, report = model_from_weights(m, state_dict, source=cfg.checkpoint, num_classes=index_classes)
+    model.to(accelerator.device)
+    is_mae = m.name.startswith("mae_")
+    metrics = list(dict.fromkeys(cfg.metrics))  # keep the order, drop repeats
+    results: dict = {"tool": TOOL_MARK, "checkpoint": str(cfg.checkpoint), "model": OmegaConf.to_container(m),
+                     "data": {"train": train_urls, "val": val_urls}, "load_report": str(report),
+                     "metrics": {}, "skipped": {}}
+    if "top1" in metrics:
+        if is_mae:
+            if "metrics" in user_keys:
+                raise ConfigError(
+                    f"metrics includes top1, but {cfg.checkpoint} is an MAE ({m.name}) without a classifier head. "
+                    "Fine-tune or linear-probe it first (tools/finetune.py, tools/linprobe.py), or evaluate its "
+                    "features with metrics=[knn,fewshot]."
+                )
+            results["skipped"]["top1"] = "an MAE checkpoint has no classifier head (fine-tune or linear-probe it first)"
+            log.info("top1 skipped: %s", results["skipped"]["top1"])
+            metrics.remove("top1")
+        else:
+            check_head_loaded(report, cfg.checkpoint)
+
+    tf = eval_transform(m.img_size, in_chans=m.in_chans, mean=list(d.mean), std=list(d.std), crop_pct=d.crop_pct,
+                        interpolation=d.interpolation)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def loader(urls: str):
+        return make_loader(urls, transform=tf, batch_size=d.batch_size, num_workers=d.num_workers, rank=rank,
+                           world_size=world, shuffle=False, drop_last=False, in_chans=m.in_chans,
+                           pin_memory=accelerator.device.type == "cuda")
+
+    def progress(urls: str, desc: str) -> Progress | None:
+        if not accelerator.is_main_process:
+            return None
+        return Progress(rank_batches(urls, rank=rank, world_size=world, num_workers=d.num_workers,
+                                     batch_size=d.batch_size), desc, unit="batch")
+
+    if "top1" in metrics:
+        bar = progress(val_urls, "top-1 on val")
+        results["metrics"]["top1"] = classifier_metrics(model, counted(loader(val_urls), bar), accelerator)
+    if "knn" in metrics or "fewshot" in metrics:
+        fn = feature_fn(model)
+        bar = progress(train_urls, "features of train")
+        train_x, train_y = extract_features(fn, counted(loader(train_urls), bar), accelerator)
+        bar = progress(val_urls, "features of val")
+        val_x, val_y = extract_features(fn, counted(loader(val_urls), bar), accelerator)
+        k_classes = index_classes or int(max(train_y.max(), val_y.max())) + 1
+        results["data"].update(num_train=int(train_y.numel()), num_val=int(val_y.numel()), num_classes=k_classes)
+        if "knn" in metrics:
+            acc = knn_accuracy(train_x, train_y, val_x.to(accelerator.device), val_y, num_classes=k_classes,
+                               k=cfg.knn.k, temperature=cfg.knn.temperature)
+            results["metrics"]["knn"] = {"top1": acc, "k": cfg.knn.k, "temperature": cfg.knn.temperature}
+        if "fewshot" in metrics:
+            shots = fewshot_linear(train_x, train_y, val_x, val_y, num_classes=k_classes, shots=list(cfg.fewshot.shots),
+                                   draws=cfg.fewshot.draws, l2=cfg.fewshot.l2, seed=FEWSHOT_SEED)
+            results["metrics"]["fewshot"] = {"draws": cfg.fewshot.draws, "l2": cfg.fewshot.l2,
+                                             "shots": {str(s): r for s, r in shots.items()}}
+
+    if accelerator.is_main_process:
+        save_json(results, out_dir / METRICS_FILE)
+        print(format_table(results))
+        print(f"metrics written to {out_dir / METRICS_FILE}")
+    accelerator.wait_for_everyone()
+    return results
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """ConfigError when `out_dir` is not a folder, or holds a metrics.json this tool did not write.
+
+    A training run's metrics.json (fine-tuning writes one) is never replaced by an evaluation.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output_dir {out_dir} exists and is not a folder; choose a folder with --output-dir.")
+    target = out_dir / METRICS_FILE
+    if not target.exists():
+        return
+    try:
+        ours = json.loads(target.read_text(encoding="utf-8")).get("tool") == TOOL_MARK
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ConfigError(
+            f"{target} already exists and was not written by evaluate (a training run's metrics?); it is left "
+            "untouched. Choose another folder with --output-dir, e.g. --output-dir runs/evaluate."
+        )
+
+
+def check_head_loaded(report, checkpoint) -> None:
+    """CheckpointError when the classifier head did not come from the checkpoint (top-1 would be meaningless)."""
+    head = [k for k in report.missing + report.skipped if k.startswith("head.")]
+    if head:
+        raise CheckpointError(
+            f"{checkpoint} has no trained head for this classifier ({', '.join(head)} "
+            f"{'not in the checkpoint' if set(head) & set(report.missing) else 'of another shape'}): this checkpoint "
+            "has no trained head; run finetune or linprobe first, or use metrics=[knn,fewshot] to evaluate its "
+            "features."
+        )
+
+
+def feature_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images (B, C, H, W) -> features (B, D): an MAE's class token after the final norm, a classifier's pooled
+    pre-head features (class token or fc_norm of the patch-token mean, as it was trained)."""
+    if hasattr(model, "pool"):
+        return lambda x: model.pool(model.forward_features(x))
+    return lambda x: model.forward_features(x)[:, 0]
+
+
+@torch.no_grad()
+def classifier_metrics(model: torch.nn.Module, loader: Iterable[dict], accelerator) -> dict:
+    """{"top1", "top5", "loss", "n"} of `model` over a rank-sharded loader, summed over processes once at the end."""
+    meter = ClassificationMeter()
+    for batch in loader:
+        x = batch["image"].to(accelerator.device, non_blocking=True)
+        y = batch["label"].to(accelerator.device)
+        check_label_range(y, model.num_classes, "validation")
+        logits = model(x).float()  # (B, K)
+        meter.update(logits, y, F.cross_entropy(logits, y, reduction="none"))
+    return meter.reduced(accelerator).compute()
+
+
+def counted(loader: Iterable, bar: Progress | None) -> Iterator:
+    """Yield the loader's batches, advancing `bar` (if any) after each; the bar is closed at the end."""
+    try:
+        for batch in loader:
+            yield batch
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def rank_batches(urls: str, *, rank: int, world_size: int, num_workers: int, batch_size: int) -> int | None:
+    """Batches this rank's `make_loader(..., shuffle=False, drop_last=False)` yields; None when unknown
+    (remote shards without an index). Only sizes the progress bar."""
+    try:
+        counts = worker_sample_counts(shard_sample_counts(expand_urls(urls)), world_size=world_size,
+                                      num_workers=num_workers, seed=0, epoch=0, shuffle=False)
+    except DataError:
+        return None
+    return sum(worker_batch_counts(counts[rank], batch_size, False))
+
+
+def format_table(results: dict) -> str:
+    """The metrics of `results` (as `evaluate` returns them) as a small aligned text table."""
+    rows: list[tuple[str, str]] = []
+    metrics = results["metrics"]
+    if "top1" in metrics:
+        t = metrics["top1"]
+        rows += [(f"top-1 (val, n={t['n']})", f"{t['top1']:.2f} %"), ("top-5", f"{t['top5']:.2f} %")]
+        if t.get("loss") is not None:
+            rows.append(("val loss (cross-entropy)", f"{t['loss']:.4f}"))
+    if "knn" in metrics:
+        k = metrics["knn"]
+        rows.append((f"kNN top-1 (k={k['k']}, T={k['temperature']:g})", f"{k['top1']:.2f} %"))
+    if "fewshot" in metrics:
+        f = metrics["fewshot"]
+        for shots, r in f["shots"].items():
+            label = f"{shots}-shot linear ({f['draws']} draws)"
+            rows.append((label, f"{r['mean']:.2f} ± {r['std']:.2f} %" if r["mean"] is not None else r["note"]))
+    for name, why in results.get("skipped", {}).items():
+        rows.append((name, f"skipped: {why}"))
+    width = max([len("metric")] + [len(r[0]) for r in rows]) + 2
+    lines = [f"{'metric':<{width}}value"] + [f"{name:<{width}}{value}" for name, value in rows]
+    return "\n".join(lines)

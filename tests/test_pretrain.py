@@ -1,0 +1,172 @@
+"""End-to-end pretraining: loss falls, resume after SIGKILL, half-written checkpoints, 2 processes, NaN guard."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mae_vit.config import PretrainConfig, parse_config
+from mae_vit.data import ensure_demo_shards
+from mae_vit.engine.runtime import RunDir, read_state
+from mae_vit.errors import ConfigError, NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = str(ROOT / "tools" / "pretrain.py")
+# a very small MAE: 16 px, patches of 4 (16 tokens, 4 visible), 1-block decoder
+TINY = ["model.img_size=16", "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
+        "data.batch_size=16", "data.num_workers=0", "optim.warmup_epochs=0", "train.log_every=2",
+        "train.vis_every=1000"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    train, val = ensure_demo_shards(tmp_path_factory.mktemp("cache"), num_samples=128)
+    return train, val
+
+
+def args(out, train, *extra):
+    return ["--output-dir", str(out), "--data", train, *TINY, *extra]
+
+
+def run_tool(argv, timeout=240, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, TOOL, *argv], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def test_short_run_loss_falls_and_leaves_everything(tmp_path, shards):
+    from mae_vit.engine.pretrain import pretrain
+
+    out = tmp_path / "run"
+    cfg = parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=6", "optim.base_lr=2e-3",
+                                            "train.save_every=12", "train.keep_last=2", "train.vis_every=24",
+                                            "model.norm_pix_loss=false"))
+    summary = pretrain(cfg)
+    assert summary["step"] == 6 * 8  # 128 samples / batch 16 = 8 steps per epoch
+    assert summary["last_loss"] < 0.8 * summary["first_loss"]
+    run = RunDir(out)
+    assert [p.name for p in run.complete_checkpoints()] == ["step_0000036", "step_0000048"]  # keep_last=2
+    assert read_state(run.latest()).step == 48 and read_state(run.latest()).epoch == 6
+    assert (out / "config.yaml").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in (out / "reconstructions").glob("*.png")) == ["step_0000024.png", "step_0000048.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    # the export loads strictly into a fresh MAE of the same config
+    from mae_vit.checkpoint import load_weights
+    from mae_vit.engine.build import build_model
+    assert not load_weights(build_model(cfg.model, mae=True), out / "model.safetensors", strict=True).missing
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_final_step(tmp_path, shards):
+    out = tmp_path / "run"
+    argv = args(out, shards[0], "optim.epochs=8", "train.save_every=3")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, TOOL, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    run = RunDir(out)
+    deadline = time.time() + 180
+    while time.time() < deadline and (run.latest() is None or read_state(run.latest()).step < 6):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = read_state(run.latest()).step
+    assert 6 <= killed_at < 64, "the run must be killed midway"
+    # a checkpoint being written at that moment, left half-done: must be ignored
+    (out / "checkpoints" / ".tmp-step_0000099").mkdir(exist_ok=True)
+    result = run_tool(argv)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming from {out / 'checkpoints'}" in result.stderr
+    assert read_state(run.latest()).step == 64 and read_state(run.latest()).epoch == 8
+    assert not (out / "checkpoints" / ".tmp-step_0000099").exists()
+
+
+def test_half_written_checkpoint_is_never_resumed(tmp_path, shards):
+    out = tmp_path / "run"
+    from mae_vit.engine.pretrain import pretrain
+
+    pretrain(parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=1", "train.save_every=4")))
+    run = RunDir(out)
+    good = run.latest()
+    # a newer step folder without its COMPLETE marker (crash between save and marker) and a garbage one
+    bad = out / "checkpoints" / "step_0000100"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"half")
+    assert run.latest() == good
+    assert RunDir(out).prepare(parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=1")),
+                               resume=True, overwrite=False, is_main=True) == good
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shards, monkeypatch):
+    from mae_vit.engine.pretrain import pretrain
+    from mae_vit.models import MaskedAutoencoderViT
+
+    calls = {"n": 0}
+    original = MaskedAutoencoderViT.forward_loss
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += 1
+        loss = original(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] == 5 else loss  # the 5th optimizer step goes bad
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    out = tmp_path / "run"
+    cfg = parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=2", "train.save_every=2",
+                                            "train.log_every=3"))
+    with pytest.raises(NonFiniteLossError, match="step 5") as err:
+        pretrain(cfg)
+    assert "step_0000004" in str(err.value)
+    run = RunDir(out)
+    assert [p.name for p in run.complete_checkpoints()] == ["step_0000002", "step_0000004"]
+    assert not (out / "model.safetensors").exists()
+    for ckpt in run.complete_checkpoints():
+        from safetensors.torch import load_file
+        assert all(torch.isfinite(v).all() for v in load_file(str(ckpt / "model.safetensors")).values())
+
+
+def test_config_errors_exit_2_and_write_nothing(tmp_path, shards):
+    out = tmp_path / "run"
+    result = run_tool(args(out, shards[0], "optim.lrr=1"), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "optim.lrr" in result.stderr and "optim.lr" in result.stderr
+    result = run_tool(args(out, str(tmp_path / "missing-{000..003}.tar")), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "missing-000.tar" in result.stderr
+    assert not out.exists()
+
+
+def test_resume_false_refuses_existing_run_unless_overwrite(tmp_path, shards):
+    from mae_vit.engine.pretrain import pretrain
+
+    out = tmp_path / "run"
+    pretrain(parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=1", "train.save_every=100")))
+    before = sorted(p.name for p in out.rglob("*"))
+    cfg = parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=1", "train.resume=false"))
+    with pytest.raises(ConfigError, match="overwrite=true"):
+        pretrain(cfg)
+    assert sorted(p.name for p in out.rglob("*")) == before  # untouched
+    cfg = parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=1", "train.resume=false",
+                                            "train.overwrite=true"))
+    assert pretrain(cfg)["step"] == 8
+    # a resumed run must use the same model
+    cfg = parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=2", "model.decoder_depth=2"))
+    with pytest.raises(ConfigError, match="another model configuration"):
+        pretrain(cfg)
+
+
+def test_two_process_cpu_run(tmp_path, shards):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # accelerate's --cpu launcher starts several processes only through mpirun; without MPI, --multi_gpu on a
+    # machine without GPUs starts them with torch's launcher and they join as CPU (gloo) processes
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           TOOL, *args(out, shards[0], "optim.epochs=2", "data.batch_size=8", "train.save_every=4")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) x batch 8" in result.stderr
+    state = read_state(RunDir(out).latest())
+    assert state.step == 2 * 8 and state.epoch == 2  # 128 samples / (2 x 8) = 8 steps per epoch
+    ckpt = RunDir(out).latest()
+    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
+    assert (out / "model.safetensors").exists()
