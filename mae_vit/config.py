@@ -45,6 +45,9 @@ class ModelConfig:
     name: str = "mae_vit_tiny_patch4"   # any create_model name
     img_size: int = 32                  # input resolution in pixels (square)
     patch_size: Optional[int] = None    # None: the one in the name
+    embed_dim: Optional[int] = None     # None: the named size's width (tiny 192 ... huge 1280)
+    depth: Optional[int] = None         # None: the named size's number of blocks
+    num_heads: Optional[int] = None     # None: the named size's number of heads
     in_chans: int = 3                   # image channels; must match len(data.mean)
     pos_embed: str = "sincos"           # "sincos" (fixed 2-D) | "learned" (1-D learnable)
     drop_path_rate: float = 0.0         # stochastic depth rate of the last block (linear in depth)

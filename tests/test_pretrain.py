@@ -17,8 +17,8 @@ from mae_vit.errors import ConfigError, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = str(ROOT / "tools" / "pretrain.py")
-# a very small MAE: 16 px, patches of 4 (16 tokens, 4 visible), 1-block decoder
-TINY = ["model.img_size=16", "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
+# a very small MAE: 48 wide, 2 deep, 16 px, patches of 4 (16 tokens, 4 visible), 1-block decoder
+TINY = ["model.img_size=16", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
         "data.batch_size=16", "data.num_workers=0", "optim.warmup_epochs=0", "train.log_every=2",
         "train.vis_every=1000"]
 
@@ -44,10 +44,11 @@ def test_short_run_loss_falls_and_leaves_everything(tmp_path, shards):
     out = tmp_path / "run"
     cfg = parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=6", "optim.base_lr=2e-3",
                                             "train.save_every=12", "train.keep_last=2", "train.vis_every=24",
-                                            "model.norm_pix_loss=false"))
+                                            "model.norm_pix_loss=false", f"data.val={shards[1]}", "knn.every=3"))
     summary = pretrain(cfg)
     assert summary["step"] == 6 * 8  # 128 samples / batch 16 = 8 steps per epoch
     assert summary["last_loss"] < 0.8 * summary["first_loss"]
+    assert 0 <= summary["knn_top1"] <= 100
     run = RunDir(out)
     assert [p.name for p in run.complete_checkpoints()] == ["step_0000036", "step_0000048"]  # keep_last=2
     assert read_state(run.latest()).step == 48 and read_state(run.latest()).epoch == 6
@@ -62,7 +63,7 @@ def test_short_run_loss_falls_and_leaves_everything(tmp_path, shards):
 
 def test_sigkill_then_rerun_resumes_to_the_same_final_step(tmp_path, shards):
     out = tmp_path / "run"
-    argv = args(out, shards[0], "optim.epochs=8", "train.save_every=3")
+    argv = args(out, shards[0], "optim.epochs=20", "train.save_every=3")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, TOOL, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     run = RunDir(out)
@@ -72,13 +73,13 @@ def test_sigkill_then_rerun_resumes_to_the_same_final_step(tmp_path, shards):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = read_state(run.latest()).step
-    assert 6 <= killed_at < 64, "the run must be killed midway"
+    assert 6 <= killed_at < 160, "the run must be killed midway"
     # a checkpoint being written at that moment, left half-done: must be ignored
     (out / "checkpoints" / ".tmp-step_0000099").mkdir(exist_ok=True)
     result = run_tool(argv)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming from {out / 'checkpoints'}" in result.stderr
-    assert read_state(run.latest()).step == 64 and read_state(run.latest()).epoch == 8
+    assert read_state(run.latest()).step == 160 and read_state(run.latest()).epoch == 20
     assert not (out / "checkpoints" / ".tmp-step_0000099").exists()
 
 

@@ -55,6 +55,7 @@ def resolve_data(data: DictConfig, accelerator: Accelerator | None = None) -> tu
 def model_kwargs(model: DictConfig, *, mae: bool, img_size: int | None = None) -> dict:
     """Explicit create_model options from the `model` config section."""
     kw = dict(img_size=img_size or model.img_size, patch_size=model.patch_size, in_chans=model.in_chans,
+              embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
               pos_embed=model.pos_embed, drop_path_rate=model.drop_path_rate,
               grad_checkpointing=model.grad_checkpointing)
     if mae:

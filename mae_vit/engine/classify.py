@@ -271,9 +271,9 @@ def train_classifier(cfg: DictConfig, mode: ClassifierMode) -> dict:
         run.save_config(cfg)
     accelerator.init_trackers("logs")
     trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    log.info("%s: model %s at %d px, %d classes (%.2fM trainable parameters); %d process(es) x batch %d x %d "
+    log.info("%s: model %s at %d px, %d classes (%s trainable parameters); %d process(es) x batch %d x %d "
              "accumulation = effective batch %d, peak lr %.3g, %d steps/epoch, %d steps in all", mode.name,
-             cfg.model.name, mode.img_size, num_classes, trainable / 1e6, world, d.batch_size, accum, effective,
+             cfg.model.name, mode.img_size, num_classes, f"{trainable:,}", world, d.batch_size, accum, effective,
              peak_lr, steps_per_ep, total_steps)
 
     guard = NonFiniteGuard(accelerator.device)

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -113,9 +114,9 @@ def evaluate(cfg: DictConfig, *, user_keys: Collection[str] = ()) -> dict:
     if "knn" in metrics or "fewshot" in metrics:
         fn = feature_fn(model)
         bar = progress(train_urls, "features of train")
-        train_x, train_y = extract_features(fn, counted(loader(train_urls), bar), accelerator)
+        train_x, train_y = features_in_key_order(fn, counted(loader(train_urls), bar), accelerator)
         bar = progress(val_urls, "features of val")
-        val_x, val_y = extract_features(fn, counted(loader(val_urls), bar), accelerator)
+        val_x, val_y = features_in_key_order(fn, counted(loader(val_urls), bar), accelerator)
         k_classes = index_classes or int(max(train_y.max(), val_y.max())) + 1
         results["data"].update(num_train=int(train_y.numel()), num_val=int(val_y.numel()), num_classes=k_classes)
         if "knn" in metrics:
@@ -175,6 +176,29 @@ def feature_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
     if hasattr(model, "pool"):
         return lambda x: model.pool(model.forward_features(x))
     return lambda x: model.forward_features(x)[:, 0]
+
+
+def key_id(key: str) -> int:
+    """A sample key (the tar member name stem, unique in a data set) -> a stable non-negative int64."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def features_in_key_order(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[dict],
+                          accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`extract_features` over all processes, rows sorted by `key_id` of each sample's key: (N, D), (N,).
+
+    The gathered order otherwise depends on how samples were dealt to processes and loader workers;
+    in key order the few-shot draws (which pick rows by position) give the same numbers however the
+    evaluation was run. The key id travels through extract_features as a second label column.
+    """
+    def keyed(batches):
+        for batch in batches:
+            ids = torch.tensor([key_id(k) for k in batch["key"]], dtype=torch.long)  # (B,)
+            yield batch["image"], torch.stack([batch["label"].long(), ids], dim=1)  # (B, C, H, W), (B, 2)
+
+    feats, label_ids = extract_features(fn, keyed(loader), accelerator)  # (N, D), (N, 2)
+    order = torch.argsort(label_ids[:, 1], stable=True)
+    return feats[order], label_ids[order, 0]
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from ..checkpoint import EXPORT_NAME, export_safetensors
 from ..data import eval_transform, make_loader, pretrain_transform, steps_per_epoch
 from ..errors import DataError
+from ..eval import extract_features, knn_accuracy
 from ..progress import Progress
 from ..viz.io import save_png
 from ..viz.reconstruction import reconstruction_grid
@@ -82,7 +83,7 @@ def pretrain(cfg: DictConfig) -> dict:
                                    crop_scale=tuple(d.crop_scale), interpolation=d.interpolation, hflip=d.hflip)
     bar = Progress(last_step, "pretrain", unit="step", initial=state.step) if accelerator.is_main_process else None
     last_ckpt = resume_from
-    first_loss = last_loss = None
+    first_loss = last_loss = knn_top1 = None
     meter = TrainMeter(accelerator.device)
     model.train()
 
@@ -140,6 +141,11 @@ def pretrain(cfg: DictConfig) -> dict:
         if state.batches_in_epoch >= epoch_micro:
             state.epoch += 1
             state.batches_in_epoch = 0
+            if cfg.knn.every and val_urls and state.epoch % cfg.knn.every == 0:
+                knn_top1 = knn_monitor(accelerator, unwrapped, train_urls, val_urls, cfg)
+                accelerator.log({"val/knn_top1": knn_top1}, step=state.step)
+                log.info("epoch %d: kNN top-1 %.2f%% (k=%d, T=%g)", state.epoch, knn_top1, cfg.knn.k,
+                         cfg.knn.temperature)
 
     if bar:
         bar.close()
@@ -151,11 +157,37 @@ def pretrain(cfg: DictConfig) -> dict:
                  _fmt(last_loss), run.path / EXPORT_NAME)
     accelerator.end_training()
     return {"step": state.step, "epoch": state.epoch, "first_loss": first_loss, "last_loss": last_loss,
-            "checkpoint": str(last_ckpt), "weights": str(run.path / EXPORT_NAME)}
+            "knn_top1": knn_top1, "checkpoint": str(last_ckpt), "weights": str(run.path / EXPORT_NAME)}
 
 
 def _fmt(x) -> str:
     return "?" if x is None else f"{x:.4f}"
+
+
+def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictConfig) -> float:
+    """kNN top-1 (%) of the encoder's class-token features: labelled train shards as the memory bank.
+
+    Every process encodes its share of both sets (eval transform, no masking); the features are
+    gathered once so that each process holds all of them, then classified with the weighted kNN.
+    """
+    m, d = cfg.model, cfg.data
+    tf = eval_transform(m.img_size, in_chans=m.in_chans, mean=list(d.mean), std=list(d.std),
+                        crop_pct=d.crop_pct, interpolation=d.interpolation)
+
+    def features(urls):
+        loader = make_loader(urls, transform=tf, batch_size=d.batch_size, num_workers=d.num_workers,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes, shuffle=False,
+                             with_labels=True, in_chans=m.in_chans, drop_last=False)
+        with accelerator.autocast():
+            return extract_features(lambda x: model.forward_features(x)[:, 0].float(), loader, accelerator)
+
+    was_training = model.training
+    model.eval()
+    (train_f, train_y), (val_f, val_y) = features(train_urls), features(val_urls)
+    model.train(was_training)
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    return knn_accuracy(train_f, train_y, val_f, val_y, num_classes=num_classes, k=cfg.knn.k,
+                        temperature=cfg.knn.temperature)
 
 
 def _fixed_images(urls: str, cfg: DictConfig, n: int = 8):

@@ -25,7 +25,7 @@ from .vit import SIZES
 _NAME = re.compile(r"^(?P<mae>mae_)?vit_(?P<size>[a-z]+)_(?:patch(?P<patch>\d+)|hybrid_(?P<cnn>r\d+))$")
 
 ENCODER_OPTIONS = {"img_size", "patch_size", "in_chans", "drop_path_rate", "pos_embed", "grad_checkpointing",
-                   "hybrid_stages", "mlp_ratio"}
+                   "hybrid_stages", "mlp_ratio", "embed_dim", "depth", "num_heads"}
 MAE_OPTIONS = {"norm_pix_loss", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"}
 CLASSIFIER_OPTIONS = {"num_classes", "global_pool", "probe_bn"}
 # the MAE paper's decoder: 512 wide, 8 deep, 16 heads
