@@ -219,7 +219,7 @@ class EvaluateConfig:
 
 @dataclass
 class VisualizeConfig:
-    """Reconstruction grids of an MAE checkpoint at several mask ratios."""
+    """Figures of what an encoder learned (ViT paper fig. 7) and MAE reconstructions, for any checkpoint."""
 
     FLAGS: ClassVar[Dict[str, Tuple[str, str]]] = {**_TOOL_FLAGS, **_CHECKPOINT_FLAG}
 
