@@ -108,20 +108,10 @@ def pretrain_transform(
     return v2.Compose(steps + _to_normalised_tensor(mean, std))
 
 
-def linprobe_transform(
-    img_size: int,
-    *,
-    in_chans: int = 3,
-    mean=None,
-    std=None,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-    interpolation: str = "bicubic",
-    hflip: bool = True,
-) -> v2.Compose:
-    """Linear probing: RandomResizedCrop + flip + normalise, no other augmentation."""
-    mean, std = _stats(in_chans, mean, std)
-    steps = _crop_flip(img_size, in_chans, crop_scale, interpolation, hflip)
-    return v2.Compose(steps + _to_normalised_tensor(mean, std))
+def linprobe_transform(img_size: int, *, crop_scale: tuple[float, float] = (0.08, 1.0), **kwargs) -> v2.Compose:
+    """Linear probing: the pretraining pipeline (RandomResizedCrop + flip + normalise), by default with
+    torchvision's usual crop scale (0.08, 1); no other augmentation, as the official linear probe."""
+    return pretrain_transform(img_size, crop_scale=crop_scale, **kwargs)
 
 
 def finetune_transform(
