@@ -243,15 +243,43 @@ class MakeShardsConfig:
 
     source: str = "synthetic"           # "synthetic" | "fashion-mnist" | a folder of images
     output_dir: str = "data/synthetic"  # shards and index are written here
-    split: str = "train"                # split name, part of the shard file names
+    split: str = "train"                # which part of the source: train | val | test (folder: FOLDER/<split> if present)
     samples_per_shard: int = 1000       # a new shard starts after this many samples
     max_shard_bytes: int = 100_000_000  # ... or after this many bytes
-    overwrite: bool = False             # replace existing shards of this split
+    overwrite: bool = False             # replace existing shards with this prefix in output_dir
     prefix: str = "shard"               # shard file name prefix
     num_samples: int = 2048             # synthetic: number of images
     num_classes: int = 10               # synthetic: number of classes
     img_size: int = 32                  # synthetic: image size in pixels
     seed: int = 0                       # synthetic: random seed
+
+
+@dataclass
+class BenchmarkConfig:
+    """Time the MAE pretraining train step and count its FLOPs: the yardstick for speed work."""
+
+    FLAGS: ClassVar[Dict[str, Tuple[str, str]]] = {
+        "--model": ("model", "NAME"),
+        "--batch-size": ("batch_size", "N"),
+        "--img-size": ("img_size", "PX"),
+        "--mask-ratio": ("mask_ratio", "R"),
+        "--device": ("device", "DEV"),
+        "--precision": ("precision", "P"),
+        "--steps": ("steps", "N"),
+        "--warmup": ("warmup", "N"),
+        "--json": ("json", "FILE"),
+    }
+
+    model: str = "mae_vit_base_patch16" # an MAE model name (create_model)
+    batch_size: int = 8                 # images per step
+    img_size: int = 224                 # image size in pixels (square)
+    mask_ratio: float = 0.75            # fraction of patches removed
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    precision: str = "auto"             # auto (bf16 autocast on a GPU that has it, else fp32) | fp32 | bf16
+    steps: int = 10                     # timed steps (the median is reported)
+    warmup: int = 3                     # untimed steps first (compilation happens here)
+    compile: bool = False               # time torch.compile(model)
+    json: Optional[str] = None          # also write the numbers to this file as JSON
 
 
 # --------------------------------------------------------------------------------------------
