@@ -102,6 +102,7 @@ def build_adamw(model: torch.nn.Module, optim: DictConfig, lr: float, *, layer_d
 
 RUN_CONFIG = "config.yaml"  # written into every run directory by the training tools (RunDir.save_config)
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "cls_token")  # weights without which features mean nothing
+RUN_DATA_KEYS = ("mean", "std", "crop_pct", "interpolation")  # how the run normalised and evaluated its images
 
 
 def find_run_config(checkpoint: str | os.PathLike) -> Path | None:
@@ -161,7 +162,7 @@ def _plain(value):
 
 def model_config_from_run(checkpoint: str | os.PathLike, cfg: DictConfig, *,
                           user_keys: Collection[str] = ()) -> DictConfig:
-    """A copy of `cfg` whose `model` section and `data.mean`/`data.std` come from the checkpoint's run.
+    """A copy of `cfg` whose `model` section and data.mean/std/crop_pct/interpolation come from the checkpoint's run.
 
     Precedence: the tool's defaults < the run's `config.yaml` (see `find_run_config`) < the keys in
     `user_keys` (what the user set; `user_set_keys`). A fine-tuning run's `resolution` becomes
@@ -185,7 +186,7 @@ def model_config_from_run(checkpoint: str | os.PathLike, cfg: DictConfig, *,
         taken["img_size"] = run["resolution"]
     data = run.get("data") if isinstance(run.get("data"), dict) else {}
     updates = [(f"model.{k}", v) for k, v in taken.items() if k in cfg.model]
-    updates += [(f"data.{k}", data[k]) for k in ("mean", "std") if k in data and "data" in cfg]
+    updates += [(f"data.{k}", data[k]) for k in RUN_DATA_KEYS if k in data and "data" in cfg]
     out = copy.deepcopy(cfg)
     for key, value in updates:
         if key in user_keys:
