@@ -1,0 +1,23 @@
+"""Fine-tuning of a (pretrained) ViT classifier. `python tools/finetune.py --checkpoint runs/pretrain` (demo on
+synthetic data), or `accelerate launch tools/finetune.py --config configs/finetune/vit_base_in1k.yaml
+--checkpoint mae_pretrain_vit_base.pth --data 'train/{000000..000999}.tar' data.val='val/{000000..000049}.tar'`.
+`--resolution N` fine-tunes at another resolution than the checkpoint's. Run with --help for every option."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from mae_vit.cli import run_tool
+from mae_vit.config import FinetuneConfig, parse_config
+
+
+def main(argv):
+    cfg = parse_config(FinetuneConfig, argv, prog="finetune.py")
+    from mae_vit.engine.finetune import finetune  # after parsing: --help and config errors stay fast
+
+    finetune(cfg)
+
+
+if __name__ == "__main__":
+    run_tool(main)

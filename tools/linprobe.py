@@ -1,0 +1,24 @@
+"""Linear probing of a pretrained encoder. `python tools/linprobe.py --checkpoint runs/pretrain` (demo on
+synthetic data; add feature_cache=true to extract the features once and train on them), or `accelerate launch
+tools/linprobe.py --checkpoint mae_pretrain_vit_base.pth --data 'train/{000000..000999}.tar'
+data.val='val/{000000..000049}.tar' model.name=vit_base_patch16 model.img_size=224 optim.effective_batch=16384`.
+Run with --help for every option."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from mae_vit.cli import run_tool
+from mae_vit.config import LinprobeConfig, parse_config
+
+
+def main(argv):
+    cfg = parse_config(LinprobeConfig, argv, prog="linprobe.py")
+    from mae_vit.engine.linprobe import linprobe  # after parsing: --help and config errors stay fast
+
+    linprobe(cfg)
+
+
+if __name__ == "__main__":
+    run_tool(main)
