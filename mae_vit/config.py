@@ -188,14 +188,20 @@ class FinetuneConfig:
 
 @dataclass
 class LinprobeConfig:
-    """Linear probing: a linear classifier on frozen encoder features (LARS, as in MAE)."""
+    """Linear probing: a linear classifier on frozen encoder features (LARS, as in MAE).
+
+    LARS scales each layer's step by trust x ||w|| / ||grad||, so its lr is a relative step size: the
+    paper's lr (0.1 x 16384 / 256 = 6.4) is the default here whatever the batch, because the linear
+    scaling rule at a small batch (0.025 at 64) leaves the head nearly untrained. The recipes in
+    configs/linprobe/ set `lr: null` to use base_lr x effective batch / 256 as the paper does.
+    """
 
     FLAGS: ClassVar[Dict[str, Tuple[str, str]]] = {**_TRAIN_FLAGS, **_CHECKPOINT_FLAG}
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="vit_tiny_patch4", global_pool=False))
     data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=[0.08, 1.0]))
     optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(base_lr=0.1, weight_decay=0.0, epochs=90, warmup_epochs=10)
+        default_factory=lambda: OptimConfig(base_lr=0.1, lr=6.4, weight_decay=0.0, epochs=90, warmup_epochs=10)
     )
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/linprobe"))
     checkpoint: Optional[str] = None    # pretrained weights whose features are probed

@@ -1,6 +1,5 @@
 import argparse
 import logging
-import pickle
 
 import pytest
 import torch
@@ -80,7 +79,7 @@ def test_wrong_model_size_is_clear_error():
 
 
 def test_timm_state_dict_round_trip_and_same_logits():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
     ours = create_model("vit_tiny_patch4", img_size=16, num_classes=5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mae_vit.errors import ConfigError
-from mae_vit.models import SIZES, MaskedAutoencoderViT, ViTClassifier, create_model
+from mae_vit.models import SIZES, MaskedAutoencoderViT, create_model
 
 TINY = dict(img_size=16, patch_size=4)
 

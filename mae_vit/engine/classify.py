@@ -35,8 +35,8 @@ from ..eval.metrics import ClassificationMeter
 from ..progress import Progress
 from .build import batch_plan, make_accelerator, resolve_data
 from .optim import set_lr
-from .runtime import (EpochBatches, NonFiniteGuard, RunDir, StopSignal, TrainerState, TrainMeter, read_state,
-                      report_progress, save_checkpoint, setup_logging, write_json)
+from .runtime import (EpochBatches, NonFiniteGuard, RunDir, StopSignal, TrainerState, TrainMeter, log_training,
+                      optimizer_step, read_state, save_checkpoint, setup_logging, write_json)
 from .schedule import lr_at, schedule_steps
 
 log = logging.getLogger("mae_vit")
@@ -228,7 +228,7 @@ def train_classifier(cfg: DictConfig, mode: ClassifierMode) -> dict:
     pretrained = None if will_resume else read_pretrained(mode.checkpoint)  # a bad path fails here
     accelerator = make_accelerator(t.mixed_precision, str(run.path))
     setup_logging(accelerator.is_main_process)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     train_urls, val_urls = resolve_data(d, accelerator)
     if d.train is None:
         log.info("no data.train given: using the labelled synthetic demo shards %s (val %s)", train_urls, val_urls)
@@ -306,6 +306,12 @@ def train_classifier(cfg: DictConfig, mode: ClassifierMode) -> dict:
                  metrics["n"], best["top1"], _epoch_text(best["epoch"]))
         return metrics
 
+    def compute_loss(batch):
+        inputs = batch["image"].to(accelerator.device, non_blocking=True)
+        inputs, targets = mode.mix(inputs, batch["label"].to(accelerator.device, non_blocking=True))
+        with accelerator.autocast():
+            return mode.loss(model(inputs), targets), inputs.shape[0]
+
     while state.step < last_step and state.epoch < o.epochs:
         epoch_micro = train_data.steps(state.epoch) // accum * accum
         if epoch_micro == 0:  # cannot happen with the planned data; guards against an endless loop
@@ -315,34 +321,15 @@ def train_classifier(cfg: DictConfig, mode: ClassifierMode) -> dict:
             lr = lr_at(state.step, peak_lr=peak_lr, min_lr=o.min_lr, warmup_steps=warmup_steps,
                        total_steps=total_steps)
             set_lr(optimizer, lr)
-            for micro in range(accum):  # gradient accumulation: all-reduce only on the last micro-batch
-                batch = batches.next(meter)
-                inputs = batch["image"].to(accelerator.device, non_blocking=True)
-                inputs, targets = mode.mix(inputs, batch["label"].to(accelerator.device, non_blocking=True))
-                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
-                    with accelerator.autocast():
-                        loss = mode.loss(model(inputs), targets)
-                    accelerator.backward(loss / accum)
-                guard.update(loss, state.step)
-                meter.add(loss, inputs.shape[0])
-                state.batches_in_epoch += 1
-            if o.clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), o.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
+            optimizer_step(accelerator, model, optimizer, batches, meter, guard, state, accum=accum,
+                           clip_grad=o.clip_grad, compute_loss=compute_loss)
             if bar:
                 bar.update()
             if state.step % t.log_every == 0 or state.step == last_step:
-                guard.check(accelerator, last_ckpt)
-                stats = meter.flush(accelerator, world)
-                state.skipped_samples += stats["skipped"]
+                stats = log_training(accelerator, meter, guard, state, bar=bar, last_step=last_step, lr=lr,
+                                     epoch_micro=epoch_micro, last_ckpt=last_ckpt)
                 last_loss = stats["loss"]
                 state.extra["train_loss"] = last_loss
-                accelerator.log({"train/loss": stats["loss"], "train/lr": lr, "train/images_per_s": stats["img_s"],
-                                 "train/data_time": stats["data_time"], "train/skipped_samples": state.skipped_samples,
-                                 "train/epoch": state.epoch + state.batches_in_epoch / epoch_micro}, step=state.step)
-                report_progress(bar, state, last_step, stats, lr)
                 if stop.agreed(accelerator):
                     log.info("stop signal received: saving a checkpoint at step %d and stopping", state.step)
                     checkpoint()

@@ -8,7 +8,6 @@ host per step: loss sums and the non-finite check stay on the device until a log
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 
 import torch
 from omegaconf import DictConfig
@@ -22,8 +21,8 @@ from ..viz.io import save_png
 from ..viz.reconstruction import reconstruction_grid
 from .build import batch_plan, build_adamw, build_model, make_accelerator, resolve_data
 from .optim import set_lr
-from .runtime import (EpochBatches, NonFiniteGuard, RunDir, StopSignal, TrainerState, TrainMeter, read_state,
-                      report_progress, save_checkpoint, setup_logging)
+from .runtime import (EpochBatches, NonFiniteGuard, RunDir, StopSignal, TrainerState, TrainMeter, log_training,
+                      optimizer_step, read_state, save_checkpoint, setup_logging)
 from .schedule import lr_at, schedule_steps
 
 log = logging.getLogger("mae_vit")
@@ -92,6 +91,11 @@ def pretrain(cfg: DictConfig) -> dict:
         guard.check(accelerator, last_ckpt)  # never save a diverged state over a good one
         last_ckpt = save_checkpoint(accelerator, run, state, t.keep_last)
 
+    def compute_loss(batch):
+        imgs = batch["image"].to(accelerator.device, non_blocking=True)
+        loss, _, _ = model(imgs, mask_ratio=m.mask_ratio)
+        return loss, imgs.shape[0]
+
     while state.step < last_step and state.epoch < o.epochs:
         epoch_micro = steps_per_epoch(train_urls, world_size=world, num_workers=d.num_workers,
                                       batch_size=d.batch_size, seed=t.seed, epoch=state.epoch) // accum * accum
@@ -103,32 +107,15 @@ def pretrain(cfg: DictConfig) -> dict:
         while state.batches_in_epoch < epoch_micro and state.step < last_step:
             lr = lr_at(state.step, peak_lr=peak_lr, min_lr=o.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
             set_lr(optimizer, lr)
-            for micro in range(accum):  # gradient accumulation: all-reduce only on the last micro-batch
-                batch = batches.next(meter)
-                imgs = batch["image"].to(accelerator.device, non_blocking=True)
-                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
-                    loss, _, _ = model(imgs, mask_ratio=m.mask_ratio)
-                    accelerator.backward(loss / accum)
-                guard.update(loss, state.step)
-                meter.add(loss, imgs.shape[0])
-                state.batches_in_epoch += 1
-            if o.clip_grad:
-                accelerator.clip_grad_norm_(model.parameters(), o.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
+            optimizer_step(accelerator, model, optimizer, batches, meter, guard, state, accum=accum,
+                           clip_grad=o.clip_grad, compute_loss=compute_loss)
             if bar:
                 bar.update()
             if state.step % t.log_every == 0 or state.step == last_step:
-                guard.check(accelerator, last_ckpt)
-                stats = meter.flush(accelerator, world)
-                state.skipped_samples += stats["skipped"]
+                stats = log_training(accelerator, meter, guard, state, bar=bar, last_step=last_step, lr=lr,
+                                     epoch_micro=epoch_micro, last_ckpt=last_ckpt)
                 first_loss = stats["loss"] if first_loss is None else first_loss
                 last_loss = stats["loss"]
-                accelerator.log({"train/loss": stats["loss"], "train/lr": lr, "train/images_per_s": stats["img_s"],
-                                 "train/data_time": stats["data_time"], "train/skipped_samples": state.skipped_samples,
-                                 "train/epoch": state.epoch + state.batches_in_epoch / epoch_micro}, step=state.step)
-                report_progress(bar, state, last_step, stats, lr)
                 if stop.agreed(accelerator):
                     log.info("stop signal received: saving a checkpoint at step %d and stopping", state.step)
                     checkpoint()

@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -303,3 +304,37 @@ def report_progress(bar, state: TrainerState, last_step: int, stats: dict, lr: f
         eta = bar.eta()
         log.info("step %d/%d  epoch %d  %s  skipped %d  eta %s", state.step, last_step, state.epoch, text,
                  state.skipped_samples, format_seconds(eta))
+
+
+def optimizer_step(accelerator, model, optimizer, batches: EpochBatches, meter: TrainMeter, guard: NonFiniteGuard,
+                   state: TrainerState, *, accum: int, clip_grad: float | None, compute_loss) -> None:
+    """One optimizer step over `accum` micro-batches: no gradient all-reduce but on the last one.
+
+    `compute_loss(batch) -> (loss, batch_size)` runs the forward pass of one micro-batch.
+    """
+    for micro in range(accum):
+        batch = batches.next(meter)
+        with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
+            loss, n = compute_loss(batch)
+            accelerator.backward(loss / accum)
+        guard.update(loss, state.step)
+        meter.add(loss, n)
+        state.batches_in_epoch += 1
+    if clip_grad:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+
+
+def log_training(accelerator, meter: TrainMeter, guard: NonFiniteGuard, state: TrainerState, *, bar, last_step: int,
+                 lr: float, epoch_micro: int, last_ckpt: Path | None) -> dict:
+    """At a logging step: stop on a non-finite loss, reduce the meter across processes, log and report."""
+    guard.check(accelerator, last_ckpt)
+    stats = meter.flush(accelerator, accelerator.num_processes)
+    state.skipped_samples += stats["skipped"]
+    accelerator.log({"train/loss": stats["loss"], "train/lr": lr, "train/images_per_s": stats["img_s"],
+                     "train/data_time": stats["data_time"], "train/skipped_samples": state.skipped_samples,
+                     "train/epoch": state.epoch + state.batches_in_epoch / epoch_micro}, step=state.step)
+    report_progress(bar, state, last_step, stats, lr)
+    return stats
