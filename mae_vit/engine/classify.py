@@ -35,9 +35,9 @@ from ..eval.metrics import ClassificationMeter
 from ..progress import Progress
 from .build import batch_plan, make_accelerator, resolve_data
 from .optim import set_lr
-from .runtime import (EpochBatches, NonFiniteGuard, RunDir, StopSignal, TrainerState, TrainMeter, log_training,
-                      optimizer_step, read_state, save_checkpoint, setup_logging, write_json)
-from .schedule import lr_at, schedule_steps
+from .runtime import (EpochBatches, log_training, NonFiniteGuard, optimizer_step, plan_steps, read_state, RunDir,
+                      save_checkpoint, setup_logging, StopSignal, TrainerState, TrainMeter, write_json)
+from .schedule import lr_at
 
 log = logging.getLogger("mae_vit")
 
@@ -258,15 +258,9 @@ def train_classifier(cfg: DictConfig, mode: ClassifierMode) -> dict:
         log.warning("no validation data (data.val): no evaluation, no %s; metrics.json gets the training loss only",
                     BEST_NAME)
     micro_per_epoch = train_data.steps(0)
-    steps_per_ep = micro_per_epoch // accum
-    if steps_per_ep == 0:
-        raise DataError(
-            f"one epoch of {train_urls} gives {micro_per_epoch} batches of {d.batch_size} per process on {world} "
-            f"process(es), fewer than the {accum} needed for one optimizer step; lower data.batch_size or "
-            "optim.effective_batch, or use more data."
-        )
-    warmup_steps, total_steps = schedule_steps(o.epochs, o.warmup_epochs, steps_per_ep)
-    last_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
+    steps_per_ep, warmup_steps, total_steps, last_step = plan_steps(
+        micro_per_epoch, accum=accum, epochs=o.epochs, warmup_epochs=o.warmup_epochs, max_steps=t.max_steps,
+        what=f"{train_urls} ({d.batch_size} per batch, {world} process(es))")
     if accelerator.is_main_process:
         run.save_config(cfg)
     accelerator.init_trackers("logs")

@@ -14,16 +14,15 @@ from omegaconf import DictConfig
 
 from ..checkpoint import EXPORT_NAME, export_safetensors
 from ..data import eval_transform, make_loader, pretrain_transform, steps_per_epoch
-from ..errors import DataError
 from ..eval import extract_features, knn_accuracy
 from ..progress import Progress
 from ..viz.io import save_png
 from ..viz.reconstruction import reconstruction_grid
 from .build import batch_plan, build_adamw, build_model, make_accelerator, resolve_data
 from .optim import set_lr
-from .runtime import (EpochBatches, NonFiniteGuard, RunDir, StopSignal, TrainerState, TrainMeter, log_training,
-                      optimizer_step, read_state, save_checkpoint, setup_logging)
-from .schedule import lr_at, schedule_steps
+from .runtime import (EpochBatches, log_training, NonFiniteGuard, optimizer_step, plan_steps, read_state, RunDir,
+                      save_checkpoint, setup_logging, StopSignal, TrainerState, TrainMeter)
+from .schedule import lr_at
 
 log = logging.getLogger("mae_vit")
 
@@ -46,15 +45,9 @@ def pretrain(cfg: DictConfig) -> dict:
     effective, accum, peak_lr = batch_plan(o, d.batch_size, world)
     micro_per_epoch = steps_per_epoch(train_urls, world_size=world, num_workers=d.num_workers,
                                       batch_size=d.batch_size, seed=t.seed)
-    steps_per_ep = micro_per_epoch // accum
-    if steps_per_ep == 0:
-        raise DataError(
-            f"one epoch of {train_urls} gives {micro_per_epoch} batches of {d.batch_size} per process on {world} "
-            f"process(es), fewer than the {accum} needed for one optimizer step; lower data.batch_size or "
-            "optim.effective_batch, or use more data."
-        )
-    warmup_steps, total_steps = schedule_steps(o.epochs, o.warmup_epochs, steps_per_ep)
-    last_step = min(total_steps, t.max_steps) if t.max_steps else total_steps
+    steps_per_ep, warmup_steps, total_steps, last_step = plan_steps(
+        micro_per_epoch, accum=accum, epochs=o.epochs, warmup_epochs=o.warmup_epochs, max_steps=t.max_steps,
+        what=f"{train_urls} ({d.batch_size} per batch, {world} process(es))")
 
     torch.manual_seed(t.seed)  # the same initial weights on every process
     model = build_model(m, mae=True)

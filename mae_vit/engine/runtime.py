@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import save_config
 from ..errors import ConfigError, DataError, NonFiniteLossError
 from ..progress import format_seconds
+from .schedule import schedule_steps
 
 log = logging.getLogger("mae_vit")
 
@@ -338,3 +339,20 @@ def log_training(accelerator, meter: TrainMeter, guard: NonFiniteGuard, state: T
                      "train/epoch": state.epoch + state.batches_in_epoch / epoch_micro}, step=state.step)
     report_progress(bar, state, last_step, stats, lr)
     return stats
+
+
+def plan_steps(micro_per_epoch: int, *, accum: int, epochs: int, warmup_epochs: float, max_steps: int | None,
+               what: str) -> tuple[int, int, int, int]:
+    """(optimizer steps per epoch, warmup steps, total steps of the schedule, the step this run stops at).
+
+    `micro_per_epoch` batches per process make `micro_per_epoch // accum` optimizer steps; the schedule
+    spans `epochs`, a run may stop earlier at `max_steps`. `what` names the data in the error.
+    """
+    steps_per_epoch = micro_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"one epoch of {what} gives {micro_per_epoch} batches per process, fewer than the {accum} needed "
+            "for one optimizer step; lower data.batch_size or optim.effective_batch, or use more data."
+        )
+    warmup, total = schedule_steps(epochs, warmup_epochs, steps_per_epoch)
+    return steps_per_epoch, warmup, total, (min(total, max_steps) if max_steps else total)
