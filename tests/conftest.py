@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -10,3 +11,10 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for the rendezvous of 2-process test runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

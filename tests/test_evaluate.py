@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 
 from mae_vit.checkpoint import export_safetensors, load_weights
@@ -261,7 +262,7 @@ def test_two_processes_count_every_val_sample_once(tmp_path, cache):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     # --multi_gpu on a machine without GPUs starts the processes with torch's launcher; they join as gloo CPU ranks
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(TOOL), *args, "--output-dir", str(tmp_path / "two")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,13 +4,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -205,12 +205,6 @@ EVAL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_evaluation_counts_every_sample_once(tmp_path):
     _, val = ensure_demo_shards(tmp_path / "cache", num_samples=84)  # 21 val samples: not a multiple of 2 x 4
     script = tmp_path / "eval_two.py"
@@ -220,7 +214,7 @@ def test_two_process_evaluation_counts_every_sample_once(tmp_path):
     # them with torch's launcher, and they join as CPU (gloo) processes
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(script), val, str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

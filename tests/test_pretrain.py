@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 
 from mae_vit.config import PretrainConfig, parse_config
@@ -161,7 +162,7 @@ def test_two_process_cpu_run(tmp_path, shards):
     # accelerate's --cpu launcher starts several processes only through mpirun; without MPI, --multi_gpu on a
     # machine without GPUs starts them with torch's launcher and they join as CPU (gloo) processes
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            TOOL, *args(out, shards[0], "optim.epochs=2", "data.batch_size=8", "train.save_every=4")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
