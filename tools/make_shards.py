@@ -14,6 +14,9 @@ overwrite=true. The last line printed is the URL spec to pass to the training to
 
 import logging
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from mae_vit.cli import run_tool
 from mae_vit.config import MakeShardsConfig, parse_config
