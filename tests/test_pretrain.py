@@ -172,3 +172,23 @@ def test_two_process_cpu_run(tmp_path, shards):
     ckpt = RunDir(out).latest()
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
     assert (out / "model.safetensors").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, shards):
+    out = tmp_path / "run"
+    argv = args(out, shards[0], "optim.epochs=50", "train.save_every=1000")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, TOOL, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            text=True)
+    lines = []
+    for line in proc.stdout:  # wait until training is under way
+        lines.append(line)
+        if line.startswith("step 4/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "stop signal received" in rest
+    state = read_state(RunDir(out).latest())  # saved at the next logging step, long before save_every
+    assert 4 <= state.step < 400
+    assert not (out / "model.safetensors").exists()  # stopped, not finished
