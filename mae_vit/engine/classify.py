@@ -35,7 +35,7 @@ from ..eval.metrics import ClassificationMeter
 from ..progress import Progress
 from .build import batch_plan, make_accelerator, resolve_data
 from .optim import set_lr
-from .runtime import (EpochBatches, log_training, NonFiniteGuard, optimizer_step, plan_steps, read_state, RunDir,
+from .runtime import (EpochBatches, log_training, NonFiniteGuard, optimizer_step, plan_steps, restore, RunDir,
                       save_checkpoint, setup_logging, StopSignal, TrainerState, TrainMeter, write_json)
 from .schedule import lr_at
 
@@ -242,13 +242,7 @@ def train_classifier(cfg: DictConfig, mode: ClassifierMode) -> dict:
     effective, accum, peak_lr = batch_plan(o, d.batch_size, world)
     optimizer = mode.build_optimizer(model, peak_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainerState()
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = read_state(resume_from)
-        log.info("resuming from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
-    else:
-        log.info("starting a new run in %s", run.path)
+    state = restore(accelerator, resume_from, run)
     unwrapped = accelerator.unwrap_model(model)
 
     ctx = DataContext(accelerator=accelerator, train_urls=train_urls, val_urls=val_urls, run=run,

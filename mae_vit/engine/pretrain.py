@@ -20,8 +20,8 @@ from ..viz.io import save_png
 from ..viz.reconstruction import reconstruction_grid
 from .build import batch_plan, build_adamw, build_model, make_accelerator, resolve_data
 from .optim import set_lr
-from .runtime import (EpochBatches, log_training, NonFiniteGuard, optimizer_step, plan_steps, read_state, RunDir,
-                      save_checkpoint, setup_logging, StopSignal, TrainerState, TrainMeter)
+from .runtime import (EpochBatches, log_training, NonFiniteGuard, optimizer_step, plan_steps, restore, RunDir,
+                      save_checkpoint, setup_logging, StopSignal, TrainMeter)
 from .schedule import lr_at
 
 log = logging.getLogger("mae_vit")
@@ -53,13 +53,7 @@ def pretrain(cfg: DictConfig) -> dict:
     model = build_model(m, mae=True)
     optimizer = build_adamw(model, o, peak_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainerState()
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = read_state(resume_from)
-        log.info("resuming from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
-    else:
-        log.info("starting a new run in %s", run.path)
+    state = restore(accelerator, resume_from, run)
     if accelerator.is_main_process:
         run.save_config(cfg)
     accelerator.init_trackers("logs")

@@ -356,3 +356,14 @@ def plan_steps(micro_per_epoch: int, *, accum: int, epochs: int, warmup_epochs: 
         )
     warmup, total = schedule_steps(epochs, warmup_epochs, steps_per_epoch)
     return steps_per_epoch, warmup, total, (min(total, max_steps) if max_steps else total)
+
+
+def restore(accelerator, resume_from: Path | None, run: RunDir) -> TrainerState:
+    """Load the prepared objects and the trainer state of `resume_from`, or start a fresh state; say which."""
+    if resume_from is None:
+        log.info("starting a new run in %s", run.path)
+        return TrainerState()
+    accelerator.load_state(str(resume_from))
+    state = read_state(resume_from)
+    log.info("resuming from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
+    return state
