@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mae_vit.errors import ConfigError
+from mae_vit.paths import expand_path, resolve_paths
 
 # --------------------------------------------------------------------------------------------
 # Sections shared by the tools
@@ -124,6 +125,7 @@ class KnnConfig:
     k: int = 20                         # neighbours that vote
     temperature: float = 0.07           # vote weight exp(similarity / temperature)
     every: int = 0                      # pretraining: kNN monitor every N epochs when data.val is set; 0 = off
+    vs_random: bool = True              # pretraining, at the end: kNN of the encoder vs the same encoder at random init
 
 
 @dataclass
@@ -258,6 +260,21 @@ class MakeShardsConfig:
     num_classes: int = 10               # synthetic: number of classes
     img_size: int = 32                  # synthetic: image size in pixels
     seed: int = 0                       # synthetic: random seed
+
+
+@dataclass
+class ChainConfig:
+    """The Fashion-MNIST chain: shards, MAE pretraining, kNN/few-shot, linear probe, fine-tuning vs scratch, report."""
+
+    FLAGS: ClassVar[Dict[str, Tuple[str, str]]] = {
+        "--preset": ("preset", "NAME"),
+        "--output-dir": ("output_dir", "DIR"),
+        "--data-dir": ("data_dir", "DIR"),
+    }
+
+    preset: str = "cpu"                 # cpu (about 45 min on 2 cores) | gpu (about 10 min on one H100)
+    output_dir: Optional[str] = None    # runs and report; None = runs/fashion_mnist_<preset>
+    data_dir: str = "data/fashion-mnist"  # the train/ and test/ shards are written here once
 
 
 @dataclass
@@ -425,7 +442,7 @@ def _one_line(error: Exception) -> str:
 
 def _read_yaml(path: str) -> Dict[str, Any]:
     """The mapping stored in a YAML config file; ConfigError naming the file if that is not possible."""
-    file = Path(path).expanduser()
+    file = Path(expand_path(path))
     if not file.is_file():
         what = "is a directory" if file.is_dir() else "does not exist"
         raise ConfigError(
@@ -581,6 +598,7 @@ _RULES = [
     ("num_samples", _is_pos, "a positive integer"),
     ("num_classes", _is_pos, "a positive integer"),
     ("img_size", _is_pos, "a positive integer"),
+    ("preset", lambda v: v in ("cpu", "gpu"), "one of cpu, gpu"),
     ("split", lambda v: re.fullmatch(r"[\w.-]+", v) is not None, "a name of letters, digits, '_', '-' or '.'"),
     ("prefix", lambda v: re.fullmatch(r"[\w.-]+", v) is not None, "a name of letters, digits, '_', '-' or '.'"),
 ]
@@ -662,6 +680,7 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot resolve an ${{...}} interpolation in the config: {_one_line(e)}") from None
+    resolve_paths(cfg)  # `~`, $VARS, relative paths: absolute before anything reads or writes them
     validate_config(cfg)
     return cfg
 

@@ -1,5 +1,7 @@
 """Config schema and command line: merge order, shorthand flags, errors, --help, run_tool, save_config."""
 
+import os
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -17,6 +19,11 @@ from mae_vit.config import (
 from mae_vit.errors import ConfigError, DataError
 
 
+def here(path: str) -> str:
+    """A relative path as parse_config resolves it: absolute, under the current folder."""
+    return os.path.join(os.getcwd(), path)
+
+
 def write(path, text):
     path.write_text(text)
     return str(path)
@@ -30,23 +37,23 @@ def test_defaults_per_tool():
     # the pretraining defaults are the CPU demo (the paper's recipes are YAML files in configs/)
     assert pre.model.name == "mae_vit_tiny_patch4" and pre.optim.base_lr == 1e-3 and pre.optim.epochs == 10
     assert (pre.model.decoder_embed_dim, pre.model.decoder_depth, pre.model.decoder_num_heads) == (128, 2, 4)
-    assert list(pre.optim.betas) == [0.9, 0.95] and pre.train.output_dir == "runs/pretrain"
+    assert list(pre.optim.betas) == [0.9, 0.95] and pre.train.output_dir == here("runs/pretrain")
 
     fin = parse_config(FinetuneConfig, [])
     assert fin.model.name == "vit_tiny_patch4"
     assert (fin.optim.base_lr, fin.optim.layer_decay, fin.optim.epochs) == (5e-4, 0.75, 100)
     assert (fin.optim.warmup_epochs, fin.optim.min_lr, list(fin.optim.betas)) == (5, 1e-6, [0.9, 0.999])
-    assert fin.train.output_dir == "runs/finetune" and fin.augment.mixup == 0.8 and fin.resolution is None
+    assert fin.train.output_dir == here("runs/finetune") and fin.augment.mixup == 0.8 and fin.resolution is None
 
     lin = parse_config(LinprobeConfig, [])
     assert lin.model.global_pool is False and list(lin.data.crop_scale) == [0.08, 1.0]
     assert (lin.optim.base_lr, lin.optim.weight_decay, lin.optim.epochs, lin.optim.warmup_epochs) == (0.1, 0, 90, 10)
-    assert lin.feature_cache is False and lin.train.output_dir == "runs/linprobe"
+    assert lin.feature_cache is False and lin.train.output_dir == here("runs/linprobe")
 
     ev = parse_config(EvaluateConfig, [])
     assert list(ev.metrics) == ["top1", "knn", "fewshot"] and list(ev.fewshot.shots) == [1, 5, 10, 25]
     vis = parse_config(VisualizeConfig, [])
-    assert list(vis.mask_ratios) == [0.5, 0.75, 0.9] and vis.output_dir == "runs/visualize"
+    assert list(vis.mask_ratios) == [0.5, 0.75, 0.9] and vis.output_dir == here("runs/visualize")
     shards = parse_config(MakeShardsConfig, [])
     assert (shards.source, shards.samples_per_shard, shards.max_shard_bytes) == ("synthetic", 1000, 100_000_000)
 
@@ -79,7 +86,7 @@ def test_cli_values_are_yaml():
     assert list(cfg.optim.betas) == [0.8, 0.9]
     assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)
     assert cfg.model.num_classes is None   # the later override wins
-    assert cfg.data.train == "123"         # numbers become strings for str keys
+    assert cfg.data.train == here("123")   # numbers become strings for str keys (a path: made absolute)
     assert cfg.train.resume is False and cfg.optim.clip_grad == 1.0
 
 
@@ -98,20 +105,20 @@ def test_shorthand_flags_both_spellings():
         ["--output-dir", "out/a", "--data=shards/{0..3}.tar", "--checkpoint", "ck.pt", "--resolution=48",
          "--num-classes", "7"],
     )
-    assert cfg.train.output_dir == "out/a" and cfg.data.train == "shards/{0..3}.tar"
-    assert (cfg.checkpoint, cfg.resolution, cfg.model.num_classes) == ("ck.pt", 48, 7)
+    assert cfg.train.output_dir == here("out/a") and cfg.data.train == here("shards/{0..3}.tar")
+    assert (cfg.checkpoint, cfg.resolution, cfg.model.num_classes) == (here("ck.pt"), 48, 7)
 
 
 def test_output_dir_flag_maps_to_each_tools_key():
-    assert parse_config(EvaluateConfig, ["--output-dir", "e"]).output_dir == "e"
-    assert parse_config(VisualizeConfig, ["--output-dir=v", "--checkpoint", "m.pt"]).checkpoint == "m.pt"
-    assert parse_config(LinprobeConfig, ["--output-dir", "l"]).train.output_dir == "l"
-    assert parse_config(MakeShardsConfig, ["--output-dir", "s", "--source", "img"]).output_dir == "s"
+    assert parse_config(EvaluateConfig, ["--output-dir", "e"]).output_dir == here("e")
+    assert parse_config(VisualizeConfig, ["--output-dir=v", "--checkpoint", "m.pt"]).checkpoint == here("m.pt")
+    assert parse_config(LinprobeConfig, ["--output-dir", "l"]).train.output_dir == here("l")
+    assert parse_config(MakeShardsConfig, ["--output-dir", "s", "--source", "img"]).output_dir == here("s")
 
 
 def test_flags_and_keys_apply_left_to_right():
-    assert parse_config(PretrainConfig, ["--output-dir", "a", "train.output_dir=b"]).train.output_dir == "b"
-    assert parse_config(PretrainConfig, ["train.output_dir=b", "--output-dir", "a"]).train.output_dir == "a"
+    assert parse_config(PretrainConfig, ["--output-dir", "a", "train.output_dir=b"]).train.output_dir == here("b")
+    assert parse_config(PretrainConfig, ["train.output_dir=b", "--output-dir", "a"]).train.output_dir == here("a")
 
 
 def test_checkpoint_flag_only_where_declared():

@@ -138,8 +138,8 @@ def test_fashion_mnist_recipes_fit_the_data_and_the_shards_make_shards_writes(to
     per_shard = MakeShardsConfig().samples_per_shard
     for split, key in (("train", "train"), ("test", "val")):
         shards = math.ceil(FASHION_MNIST[split] / per_shard)
-        assert cfg.data[key] == shard_urls(f"data/fashion-mnist/{split}", MakeShardsConfig().prefix, shards)
-    assert cfg.data.train == "data/fashion-mnist/train/shard-{000000..000059}.tar"
+        assert cfg.data[key] == shard_urls(Path.cwd() / f"data/fashion-mnist/{split}", MakeShardsConfig().prefix, shards)
+    assert cfg.data.train == str(Path.cwd() / "data/fashion-mnist/train/shard-{000000..000059}.tar")
 
 
 def test_fashion_mnist_pretrain_is_an_mae_on_a_7x7_grid_with_a_small_decoder():

@@ -104,3 +104,25 @@ def test_cutmix_pastes_a_box_and_weights_targets_by_its_area():
     pasted = mixed[0].mean().item()  # image 0 (zeros) receives a box from image 1 (ones)
     assert set(mixed.unique().tolist()) <= {0.0, 1.0}
     assert targets[0].tolist() == pytest.approx([1 - pasted, pasted], abs=1e-6)
+
+
+def test_pil_crop_flip_gives_torchvisions_pixels_for_the_same_random_draws():
+    """pretrain_transform's fast PIL path = torchvision's RandomResizedCrop + flip + normalise, draw for draw."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    from mae_vit.data.synthetic import synthetic_sample
+    from mae_vit.data.transforms import pretrain_transform
+
+    mean, std = [0.2, 0.3, 0.4], [0.5, 0.6, 0.7]
+    reference = v2.Compose([v2.RandomResizedCrop(24, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+                            v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(mean=mean, std=std)])
+    fast = pretrain_transform(24, in_chans=3, mean=mean, std=std, crop_scale=(0.2, 1.0), interpolation="bicubic")
+    image, _ = synthetic_sample(5, img_size=32)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        want = reference(image)
+        torch.manual_seed(seed)
+        got = fast(image)
+        assert got.shape == (3, 24, 24)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -18,6 +18,7 @@ from pathlib import Path
 from mae_vit.data.synthetic import CLASS_NAMES, check_synthetic_args, synthetic_samples
 from mae_vit.data.writer import shard_urls, write_shards
 from mae_vit.errors import DataError
+from mae_vit.paths import expand_path
 
 TRAIN_SHARDS = 8
 VAL_SHARDS = 4
@@ -41,9 +42,10 @@ def ensure_demo_shards(
     """Make (or reuse) synthetic train/val shards; returns (train_urls, val_urls) brace specs."""
     check_synthetic_args(seed=seed, img_size=img_size, num_classes=num_classes)
     num_val = max(num_samples // 4, 1)
-    target = Path(cache_dir) / f"synthetic-{img_size}px-{num_samples}-{num_classes}c-s{seed}"
+    cache_dir = Path(expand_path(cache_dir))  # `~` and $VARS, as the reader will see them
+    target = cache_dir / f"synthetic-{img_size}px-{num_samples}-{num_classes}c-s{seed}"
     if not target.exists():
-        temp = Path(cache_dir) / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temp = cache_dir / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             for split, count, shards in (("train", num_samples, TRAIN_SHARDS), ("val", num_val, VAL_SHARDS)):
                 write_shards(

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..checkpoint import EXPORT_NAME, export_safetensors
-from ..data import eval_transform, make_loader, pretrain_transform, steps_per_epoch
+from ..data import eval_transform, make_loader, pretrain_transform, read_index, steps_per_epoch
 from ..eval import extract_features, knn_accuracy
 from ..progress import Progress
 from ..viz.io import save_png
@@ -21,16 +21,17 @@ from ..viz.reconstruction import reconstruction_grid
 from .build import batch_plan, build_adamw, build_model, make_accelerator, resolve_data
 from .optim import set_lr
 from .runtime import (EpochBatches, log_training, NonFiniteGuard, optimizer_step, plan_steps, restore, RunDir,
-                      save_checkpoint, setup_logging, StopSignal, TrainMeter)
+                      save_checkpoint, setup_logging, StopSignal, TrainMeter, write_json)
 from .schedule import lr_at
 
 log = logging.getLogger("mae_vit")
+METRICS_NAME = "metrics.json"  # the loss at the start and the end, and the pretrained-vs-random kNN check
 
 
 def pretrain(cfg: DictConfig) -> dict:
     """Run (or resume) MAE pretraining as configured; returns a summary dict."""
     t = cfg.train
-    run = RunDir(t.output_dir)
+    run = RunDir(t.output_dir, extra_outputs=(METRICS_NAME,))
     train_urls, val_urls = resolve_data(cfg.data)  # bad paths fail here, before anything is built
     accelerator = make_accelerator(t.mixed_precision, str(run.path))
     setup_logging(accelerator.is_main_process)
@@ -127,11 +128,18 @@ def pretrain(cfg: DictConfig) -> dict:
     if accelerator.is_main_process:
         _visualise(accelerator, unwrapped, vis_imgs, cfg, run, state.step)
         export_safetensors(unwrapped, run.path / EXPORT_NAME)
-        log.info("done: step %d, loss %s -> %s; weights exported to %s", state.step, _fmt(first_loss),
-                 _fmt(last_loss), run.path / EXPORT_NAME)
+    versus = encoder_vs_random(accelerator, unwrapped, train_urls, val_urls, cfg) if cfg.knn.vs_random else None
+    if versus:
+        accelerator.log({"val/knn_top1": versus["pretrained"], "val/knn_top1_random_init": versus["random_init"]},
+                        step=state.step)
+    summary = {"task": "pretrain", "step": state.step, "epoch": state.epoch, "first_loss": first_loss,
+               "last_loss": last_loss, "knn_top1": knn_top1, "vs_random": versus}
+    if accelerator.is_main_process:
+        write_json(run.path / METRICS_NAME, summary)
+    log.info("done: step %d, loss %s -> %s; weights exported to %s", state.step, _fmt(first_loss),
+             _fmt(last_loss), run.path / EXPORT_NAME)
     accelerator.end_training()
-    return {"step": state.step, "epoch": state.epoch, "first_loss": first_loss, "last_loss": last_loss,
-            "knn_top1": knn_top1, "checkpoint": str(last_ckpt), "weights": str(run.path / EXPORT_NAME)}
+    return {**summary, "checkpoint": str(last_ckpt), "weights": str(run.path / EXPORT_NAME)}
 
 
 def _fmt(x) -> str:
@@ -162,6 +170,29 @@ def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictCon
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     return knn_accuracy(train_f, train_y, val_f, val_y, num_classes=num_classes, k=cfg.knn.k,
                         temperature=cfg.knn.temperature)
+
+
+def encoder_vs_random(accelerator, model, train_urls: str, val_urls: str | None, cfg: DictConfig) -> dict | None:
+    """kNN top-1 on the validation split of the trained encoder and of the same encoder at its random init.
+
+    "Is my loss normal?" has no answer in the loss alone; this one does: an encoder that learned
+    something useful beats its own starting point by a wide margin. The random encoder is rebuilt with
+    the run's seed, so it is exactly the run's step 0. Needs labelled train and validation shards.
+    """
+    labelled = val_urls is not None and all((read_index(u) or {}).get("num_classes") for u in (train_urls, val_urls))
+    if not labelled:
+        log.info("no pretrained-vs-random kNN check: it needs labelled data.train and data.val shards (with index)")
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # the same draw as the run's initial weights
+        random_init = build_model(cfg.model, mae=True).to(accelerator.device)
+    versus = {"pretrained": knn_monitor(accelerator, model, train_urls, val_urls, cfg),
+              "random_init": knn_monitor(accelerator, random_init, train_urls, val_urls, cfg)}
+    versus["gain"] = versus["pretrained"] - versus["random_init"]
+    log.info("encoder check, kNN top-1 on the validation split (k=%d): pretrained %.1f%% vs the same encoder at "
+             "random init %.1f%% (%+.1f points)", cfg.knn.k, versus["pretrained"], versus["random_init"],
+             versus["gain"])
+    return versus
 
 
 def _fixed_images(urls: str, cfg: DictConfig, n: int = 8):
