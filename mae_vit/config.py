@@ -275,6 +275,7 @@ class ChainConfig:
     preset: str = "cpu"                 # cpu (about 45 min on 2 cores) | gpu (about 10 min on one H100)
     output_dir: Optional[str] = None    # runs and report; None = runs/fashion_mnist_<preset>
     data_dir: str = "data/fashion-mnist"  # the train/ and test/ shards are written here once
+    source: str = "fashion-mnist"       # where the idx files are: fashion-mnist (Debian package, ./data) | fashion-mnist:DIR
 
 
 @dataclass
@@ -434,6 +435,15 @@ def _parse_value(text: str, key: str) -> Any:
             f"cannot read the value of '{key}' on the command line: {text!r} is not valid YAML "
             f"({_one_line(e)}). Quote it or fix the brackets, e.g. optim.betas=[0.9,0.95]."
         ) from None
+
+
+def _typed_value(text: str, key: str, leaves: Dict[str, _Key]) -> Any:
+    """A command-line value typed by its field: text for a string key (`mixed_precision=no` stays "no",
+    `--data '*.tar'` stays a pattern; `null` is None where the key allows it), YAML for the others."""
+    annotation = leaves[key].type if key in leaves else None
+    if annotation in (str, Optional[str]):
+        return None if text == "null" else text  # null on a required string key is then refused by name
+    return _parse_value(text, key)
 
 
 def _one_line(error: Exception) -> str:
@@ -654,7 +664,8 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
 
     `argv` (default sys.argv[1:]) holds, in any order:
       --config FILE         YAML file merged over the defaults (may be repeated; later files win)
-      key=value             dotted key, value read as YAML: optim.betas=[0.9,0.95], model.num_classes=null
+      key=value             dotted key; the value is typed by the key: text for string keys (mixed_precision=no),
+                            YAML for the rest: optim.betas=[0.9,0.95], model.num_classes=null
       --flag VALUE          a shorthand from schema_cls.FLAGS, e.g. --output-dir DIR; also --flag=VALUE
       -h / --help           print every flag and key with default and meaning, then exit 0
     Precedence: defaults < YAML files < command-line keys and flags (which apply left to right).
@@ -674,8 +685,8 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
     for path in config_files:
         for key, value in _flatten(_read_yaml(path), leaves):
             _set(cfg, schema_cls, key, value, f"in config file '{path}'")
-    for key, value, source in overrides:
-        _set(cfg, schema_cls, key, value, source)
+    for key, text, source in overrides:
+        _set(cfg, schema_cls, key, _typed_value(text, key, leaves), source)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -685,10 +696,10 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
     return cfg
 
 
-def _split_argv(argv: List[str], flags: Dict[str, Tuple[str, str]]) -> Tuple[List[str], List[Tuple[str, Any, str]]]:
-    """Command-line words -> (YAML files, [(key, value, source)]), keeping their order."""
+def _split_argv(argv: List[str], flags: Dict[str, Tuple[str, str]]) -> Tuple[List[str], List[Tuple[str, str, str]]]:
+    """Command-line words -> (YAML files, [(key, value text, source)]), keeping their order."""
     config_files: List[str] = []
-    overrides: List[Tuple[str, Any, str]] = []
+    overrides: List[Tuple[str, str, str]] = []
     words = iter(argv)
     for word in words:
         if word.startswith("-"):
@@ -703,8 +714,7 @@ def _split_argv(argv: List[str], flags: Dict[str, Tuple[str, str]]) -> Tuple[Lis
             if name == "--config":
                 config_files.append(text)
             else:
-                key = flags[name][0]
-                overrides.append((key, _parse_value(text, key), f"from flag {name}"))
+                overrides.append((flags[name][0], text, f"from flag {name}"))
         else:
             key, has_value, text = word.partition("=")
             if not has_value or not key:
@@ -713,7 +723,7 @@ def _split_argv(argv: List[str], flags: Dict[str, Tuple[str, str]]) -> Tuple[Lis
                     "dotted key, e.g. optim.lr=0.001 or data.batch_size=32 (flags start with --). "
                     "Run with --help to list every key."
                 )
-            overrides.append((key.strip(), _parse_value(text, key), "from the command line"))
+            overrides.append((key.strip(), text, "from the command line"))
     return config_files, overrides
 
 

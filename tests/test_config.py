@@ -338,3 +338,16 @@ def test_save_config_replaces_existing_file(tmp_path):
     save_config(parse_config(PretrainConfig, ["train.seed=5"]), path)
     assert "old" not in path.read_text()
     assert parse_config(PretrainConfig, ["--config", str(path)]).train.seed == 5
+
+
+def test_string_keys_take_the_command_line_text_literally():
+    """`no`, `yes`, `0755`, `*.tar` and `{a,b}.tar` are YAML booleans, octal ints or invalid YAML; for a
+    string key they are just the text the user typed."""
+    cfg = parse_config(PretrainConfig, ["train.mixed_precision=no", "--data", "{a,b}.tar", "data.val=*.tar",
+                                        "data.interpolation=bicubic"])
+    assert cfg.train.mixed_precision == "no" and cfg.data.interpolation == "bicubic"
+    assert cfg.data.train == here("{a,b}.tar") and cfg.data.val == here("*.tar")
+    assert parse_config(PretrainConfig, ["--output-dir", "yes"]).train.output_dir == here("yes")
+    assert parse_config(PretrainConfig, ["--output-dir", "0755"]).train.output_dir == here("0755")
+    assert parse_config(PretrainConfig, ["data.val=null"]).data.val is None      # null still means "unset"
+    assert parse_config(PretrainConfig, ["optim.lr=1e-3"]).optim.lr == 0.001     # other keys: YAML as before

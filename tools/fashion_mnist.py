@@ -24,7 +24,7 @@ def main(argv):
     from mae_vit.engine.chain import run_chain  # after parsing: --help and config errors stay fast
 
     out = cfg.output_dir or expand_path(f"runs/fashion_mnist_{cfg.preset}")
-    print(run_chain(cfg.preset, out, cfg.data_dir))
+    print(run_chain(cfg.preset, out, cfg.data_dir, cfg.source))
 
 
 if __name__ == "__main__":

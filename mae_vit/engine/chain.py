@@ -43,7 +43,7 @@ PRESETS = {
                      "data.batch_size=256", "data.num_workers=2", "optim.base_lr=1.5e-3", "optim.epochs=8",
                      "optim.warmup_epochs=1", "train.mixed_precision=no", "train.save_every=500",
                      "train.vis_every=500", "train.log_every=20", "knn.every=0"],
-        "finetune": [*_CPU_MODEL, "data.batch_size=128", "data.num_workers=2", "optim.base_lr=1e-3",
+        "finetune": [*_CPU_MODEL, "data.batch_size=128", "data.num_workers=2", "optim.base_lr=1e-3", "data.crop_scale=[0.35,1.0]",
                      "optim.epochs=3", "optim.warmup_epochs=0.5", "model.drop_path_rate=0.05", "augment.mixup=0",
                      "augment.cutmix=0", "augment.randaug_num_ops=0", "augment.reprob=0",
                      "train.mixed_precision=no", "train.save_every=500", "train.log_every=20"],
@@ -75,16 +75,23 @@ class Stage:
     def command(self) -> list[str]:
         return [sys.executable, str(ROOT / "tools" / self.tool), *self.args]
 
+    def shown(self) -> str:
+        """The command as a user would type it from the repository root."""
+        return shlex.join(["python", f"tools/{self.tool}", *self.args])
 
-def ensure_fashion_mnist_shards(data_dir: Path) -> dict[str, str]:
-    """Write the train (60,000) and test (10,000) shards once into `data_dir`; returns their URL specs."""
+
+def ensure_fashion_mnist_shards(data_dir: Path, source: str = "fashion-mnist") -> dict[str, str]:
+    """Write the train (60,000) and test (10,000) shards once into `data_dir`; returns their URL specs.
+
+    `source` is make_shards' source: `fashion-mnist` (the Debian package or ./data) or `fashion-mnist:DIR`.
+    """
     urls = {}
     for split in ("train", "test"):
         folder = data_dir / split
         index = read_index(str(folder)) if folder.is_dir() and any(folder.glob("*.tar")) else None
         if index is None:
             log.info("writing the Fashion-MNIST %s shards into %s", split, folder)
-            index, _ = make_shards("fashion-mnist", folder, split=split, samples_per_shard=1000)
+            index, _ = make_shards(source, folder, split=split, samples_per_shard=1000)
         urls[split] = shard_urls(folder, "shard", len(index["shards"]))
     return urls
 
@@ -115,7 +122,7 @@ def run_stage(stage: Stage, timing_file: Path) -> None:
     if (stage.folder / stage.result).is_file():
         log.info("[%s] already done: %s", stage.name, stage.folder / stage.result)
         return
-    log.info("[%s] %s", stage.name, shlex.join(stage.command()))
+    log.info("[%s] %s", stage.name, stage.shown())
     start = time.perf_counter()
     done = subprocess.run(stage.command(), cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:
@@ -140,18 +147,18 @@ def pixel_stage(urls: dict[str, str]) -> dict:
     return result
 
 
-def run_chain(preset: str, out: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
+def run_chain(preset: str, out: str | os.PathLike, data_dir: str | os.PathLike, source: str = "fashion-mnist") -> Path:
     """Run (or continue) the whole chain for `preset`; returns the path of report.md."""
     setup_logging(True)
     out, start = Path(out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    urls = ensure_fashion_mnist_shards(Path(data_dir))
+    urls = ensure_fashion_mnist_shards(Path(data_dir), source)
     stages = plan(preset, out, urls)
     for stage in stages:
         run_stage(stage, out / TIMING)
     if read_json(out / PIXELS) is None:
         log.info("[pixels] kNN and logistic regression on the raw pixels")
         save_json(pixel_stage(urls), out / PIXELS)
-    report = write_report(out, preset=preset, commands={s.name: shlex.join(s.command()) for s in stages})
+    report = write_report(out, preset=preset, commands={s.name: s.shown() for s in stages})
     log.info("report: %s (this invocation took %.0f s)", report, time.perf_counter() - start)
     return report

@@ -99,7 +99,7 @@ def plot_curves(out: Path) -> list[str]:
     written = []
     for name, (pattern, tag) in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for run in sorted(out.glob(pattern)):
+        for run in sorted(p for p in out.glob(pattern) if p.is_dir()):
             points = read_scalars(run, tag)
             final = ((read_json(run / "metrics.json") or {}).get("final") or {})
             per_epoch = final.get("epoch", 0) / final["step"] if final.get("step") else None
