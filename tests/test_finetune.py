@@ -85,6 +85,23 @@ def test_zero_head_gives_zero_logits_before_the_first_step(shards, tmp_path, mae
         assert F.cross_entropy(logits, torch.tensor([0, 3, 6])).item() == pytest.approx(math.log(7), rel=1e-6)
 
 
+def test_fine_tuning_starts_from_exactly_the_pretrained_encoder(shards, tmp_path, mae16):
+    """Export -> read -> classifier: the blocks compute the MAE encoder's own features, bit for bit (no step of
+    the pretraining -> export -> loading path loses or alters a weight)."""
+    mae = create_model("mae_vit_tiny_patch4", img_size=16, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+                       **SIZE)
+    assert load_weights(mae, str(mae16), strict=True, verbose=False).missing == []
+    for pool in (True, False):
+        cfg = cfg_for(tmp_path, shards, f"model.global_pool={str(pool).lower()}")
+        model, report = build_finetune_model(cfg.model, img_size=16, num_classes=10, pretrained=read_pretrained(str(mae16)))
+        x = torch.randn(5, 3, 16, 16)
+        with torch.no_grad():
+            mine, theirs = model.eval().forward_features(x), mae.eval().forward_features(x)
+        if pool:  # global pooling drops the final norm (fc_norm is new): compare before it
+            mine, theirs = model.run_blocks(model.prepend_cls(model.embed(x))), mae.run_blocks(mae.prepend_cls(mae.embed(x)))
+        assert torch.equal(mine, theirs)
+
+
 def test_higher_resolution_resizes_pos_embed_and_runs_at_the_new_size(shards, tmp_path, mae16):
     cfg = cfg_for(tmp_path, shards)
     pretrained = read_pretrained(str(mae16))

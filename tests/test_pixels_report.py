@@ -48,7 +48,7 @@ def fake_chain(out):
 
     run("pretrain", {"first_loss": 1.2, "last_loss": 0.4, "vs_random": {"pretrained": 70.0, "random_init": 40.0}},
         "train/loss", [(10, 1.0), (20, 0.6), (30, 0.4)])
-    run("evaluate", {"metrics": {"knn": {"top1": 71.5}, "fewshot": {"draws": 5, "shots": {"10": {"mean": 55.0}}}}})
+    run("evaluate", {"metrics": {"knn": {"top1": 71.5}, "fewshot": {"draws": 5, "shots": {"25": {"mean": 55.0}}}}})
     run("linprobe", {"final": {"top1": 75.3, "epoch": 90, "step": 900}})
     for name, accs in (("finetune_mae", [80.0, 88.0]), ("finetune_scratch", [70.0, 85.0])):
         run(name, {"final": {"top1": accs[-1], "epoch": 2, "step": 200}}, "val/top1", [(100, accs[0]), (200, accs[1])])
@@ -75,7 +75,7 @@ def test_report_has_the_table_the_json_and_both_curves(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     by_what = {r["what"]: r["top1"] for r in results["rows"]}
     assert by_what["logistic regression on raw pixels"] == 84.0 and by_what["kNN, MAE encoder (frozen)"] == 71.5
-    assert by_what["10-shot linear, MAE encoder"] == 55.0
+    assert by_what["25-shot linear, MAE encoder"] == 55.0
     for png in ("pretrain_loss.png", "finetune_top1.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["figures"] == ["pretrain_loss.png", "finetune_top1.png"]

@@ -1,5 +1,6 @@
 """End-to-end pretraining: loss falls, resume after SIGKILL, half-written checkpoints, 2 processes, NaN guard."""
 
+import json
 import os
 import signal
 import subprocess
@@ -192,3 +193,39 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, shards):
     state = read_state(RunDir(out).latest())  # saved at the next logging step, long before save_every
     assert 4 <= state.step < 400
     assert not (out / "model.safetensors").exists()  # stopped, not finished
+
+
+def test_encoder_check_compares_with_the_runs_own_initial_weights_on_the_validation_split(tmp_path, shards,
+                                                                                          monkeypatch):
+    """The last lines of a run compare kNN on data.val of the trained encoder and of its step-0 weights."""
+    from mae_vit.engine import pretrain as pretrain_module
+
+    seen = []
+    real = pretrain_module.knn_monitor
+
+    def spy(accelerator, model, train_urls, val_urls, cfg):
+        seen.append((train_urls, val_urls, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return real(accelerator, model, train_urls, val_urls, cfg)
+
+    monkeypatch.setattr(pretrain_module, "knn_monitor", spy)
+    # lr 1e-30: the "trained" encoder is its initial weights, so the two numbers must agree
+    frozen = pretrain_module.pretrain(parse_config(PretrainConfig, args(tmp_path / "a", shards[0], "optim.lr=1e-30",
+                                                                        "optim.epochs=1", f"data.val={shards[1]}")))
+    assert [(t, v) for t, v, _ in seen] == [(shards[0], shards[1])] * 2  # memory bank: train; queries: val
+    for name, value in seen[0][2].items():  # the random-init copy has the run's step-0 weights
+        torch.testing.assert_close(seen[1][2][name], value, atol=1e-20, rtol=0)
+    assert frozen["vs_random"]["pretrained"] == frozen["vs_random"]["random_init"] and frozen["vs_random"]["gain"] == 0
+    # trained: the encoder differs from its start, and the random-init number is the same draw as before
+    seen.clear()
+    trained = pretrain_module.pretrain(parse_config(PretrainConfig, args(
+        tmp_path / "b", shards[0], "optim.base_lr=2e-3", "optim.epochs=3", f"data.val={shards[1]}")))
+    assert not torch.equal(seen[0][2]["blocks.0.attn.qkv.weight"], seen[1][2]["blocks.0.attn.qkv.weight"])
+    assert trained["vs_random"]["random_init"] == frozen["vs_random"]["random_init"]
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["vs_random"] == trained["vs_random"]
+
+
+def test_no_encoder_check_without_labelled_validation_shards(tmp_path, shards):
+    from mae_vit.engine.pretrain import pretrain
+
+    summary = pretrain(parse_config(PretrainConfig, args(tmp_path / "run", shards[0], "optim.epochs=1")))
+    assert summary["vs_random"] is None and summary["step"] == 8

@@ -60,7 +60,7 @@ def collect(out: Path, preset: str, commands: dict[str, str] | None = None) -> d
         row("logistic regression on raw pixels", pixels.get("logistic"), None),
         row("kNN, encoder at random init", versus.get("random_init"), "pretrain", "same split, same kNN"),
         row("kNN, MAE encoder (frozen)", (enc.get("knn") or {}).get("top1"), "evaluate"),
-        row("10-shot linear, MAE encoder", (shots.get("10") or {}).get("mean"), "evaluate",
+        row("25-shot linear, MAE encoder", (shots.get("25") or {}).get("mean"), "evaluate",
             "ridge regression, mean of %s draws" % enc.get("fewshot", {}).get("draws")),
         row("linear probe, MAE encoder (frozen)", final("linprobe"), "linprobe"),
         row("fine-tuned from scratch", final("finetune_scratch"), "finetune_scratch"),
