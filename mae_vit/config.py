@@ -148,18 +148,18 @@ _CHECKPOINT_FLAG = {"--checkpoint": ("checkpoint", "PATH")}
 class PretrainConfig:
     """MAE pretraining of a ViT encoder on unlabelled images.
 
-    The defaults are the demo: a tiny MAE (ViT-Tiny/4 encoder, 2-block 128-wide decoder) on the
-    synthetic 32 px shards for 10 epochs, a couple of minutes on a 2-core CPU. The paper's ImageNet
+    The defaults are the demo: a small MAE (ViT-Tiny/4 encoder cut to 6 blocks, 2-block 128-wide decoder)
+    on the synthetic 32 px shards for 30 epochs, about 4 minutes on a 2-core CPU. The paper's ImageNet
     recipes are in configs/pretrain/.
     """
 
     FLAGS: ClassVar[Dict[str, Tuple[str, str]]] = dict(_TRAIN_FLAGS)
 
     model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+        default_factory=lambda: ModelConfig(depth=6, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
     )
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=1e-3, epochs=10, warmup_epochs=1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(base_lr=4e-3, epochs=30, warmup_epochs=1))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(save_every=100, vis_every=100))
     knn: KnnConfig = field(default_factory=KnnConfig)
 

@@ -35,7 +35,7 @@ def write(path, text):
 def test_defaults_per_tool():
     pre = parse_config(PretrainConfig, [])
     # the pretraining defaults are the CPU demo (the paper's recipes are YAML files in configs/)
-    assert pre.model.name == "mae_vit_tiny_patch4" and pre.optim.base_lr == 1e-3 and pre.optim.epochs == 10
+    assert pre.model.name == "mae_vit_tiny_patch4" and pre.optim.base_lr == 4e-3 and pre.optim.epochs == 30 and pre.model.depth == 6
     assert (pre.model.decoder_embed_dim, pre.model.decoder_depth, pre.model.decoder_num_heads) == (128, 2, 4)
     assert list(pre.optim.betas) == [0.9, 0.95] and pre.train.output_dir == here("runs/pretrain")
 
@@ -59,9 +59,9 @@ def test_defaults_per_tool():
 
 
 def test_defaults_of_one_tool_do_not_leak_into_another():
-    parse_config(FinetuneConfig, ["optim.epochs=30"])
+    parse_config(FinetuneConfig, ["optim.epochs=7"])
     assert parse_config(FinetuneConfig, []).optim.epochs == 100
-    assert parse_config(PretrainConfig, []).optim.epochs == 10
+    assert parse_config(PretrainConfig, []).optim.epochs == 30
 
 
 def test_merge_order_defaults_then_yaml_then_cli(tmp_path):

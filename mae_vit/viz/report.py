@@ -47,6 +47,8 @@ def collect(out: Path, preset: str, commands: dict[str, str] | None = None) -> d
     pre, enc = runs["pretrain"] or {}, (runs["evaluate"] or {}).get("metrics", {})
     versus = pre.get("vs_random") or {}
     shots = enc.get("fewshot", {}).get("shots", {})
+    # the most shots that the data allowed (a class with fewer training images than shots has no figure)
+    best_shot = max((n for n, r in shots.items() if r.get("mean") is not None), key=int, default="25")
 
     def row(what, value, run, note=""):
         return {"what": what, "top1": value, "run": str(out / run) if run else None,
@@ -60,7 +62,7 @@ def collect(out: Path, preset: str, commands: dict[str, str] | None = None) -> d
         row("logistic regression on raw pixels", pixels.get("logistic"), None),
         row("kNN, encoder at random init", versus.get("random_init"), "pretrain", "same split, same kNN"),
         row("kNN, MAE encoder (frozen)", (enc.get("knn") or {}).get("top1"), "evaluate"),
-        row("25-shot linear, MAE encoder", (shots.get("25") or {}).get("mean"), "evaluate",
+        row(f"{best_shot}-shot linear, MAE encoder", (shots.get(best_shot) or {}).get("mean"), "evaluate",
             "ridge regression, mean of %s draws" % enc.get("fewshot", {}).get("draws")),
         row("linear probe, MAE encoder (frozen)", final("linprobe"), "linprobe"),
         row("fine-tuned from scratch", final("finetune_scratch"), "finetune_scratch"),
