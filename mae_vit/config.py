@@ -272,7 +272,7 @@ class ChainConfig:
         "--data-dir": ("data_dir", "DIR"),
     }
 
-    preset: str = "cpu"                 # cpu (about 45 min on 2 cores) | gpu (about 10 min on one H100)
+    preset: str = "cpu"                 # cpu (about 50 min on 2 cores) | gpu (about 10 min on one H100)
     output_dir: Optional[str] = None    # runs and report; None = runs/fashion_mnist_<preset>
     data_dir: str = "data/fashion-mnist"  # the train/ and test/ shards are written here once
     source: str = "fashion-mnist"       # where the idx files are: fashion-mnist (Debian package, ./data) | fashion-mnist:DIR
