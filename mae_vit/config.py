@@ -149,7 +149,7 @@ class PretrainConfig:
     """MAE pretraining of a ViT encoder on unlabelled images.
 
     The defaults are the demo: a small MAE (ViT-Tiny/4 encoder cut to 6 blocks, 2-block 128-wide decoder)
-    on the synthetic 32 px shards for 30 epochs, about 4 minutes on a 2-core CPU. The paper's ImageNet
+    on the synthetic 32 px shards for 30 epochs, about 5 minutes on a 2-core CPU. The paper's ImageNet
     recipes are in configs/pretrain/.
     """
 
