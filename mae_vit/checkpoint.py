@@ -20,7 +20,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError
+from .files import atomic_path
 from .layers import resize_pos_embed
 
 log = logging.getLogger(__name__)
@@ -178,14 +178,6 @@ def export_safetensors(model_or_sd, path: str | os.PathLike) -> Path:
     """Write weights as `.safetensors` atomically (temp file in the same folder, then rename)."""
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_state_dict(sd).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp))
+    return Path(path)

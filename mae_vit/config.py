@@ -21,7 +21,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import textwrap
 import tokenize
 import typing
@@ -34,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mae_vit.errors import ConfigError
+from mae_vit.files import write_text
 from mae_vit.paths import expand_path, resolve_paths
 
 # --------------------------------------------------------------------------------------------
@@ -779,17 +779,4 @@ def save_config(cfg: Any, path: "str | os.PathLike[str]") -> None:
     A crash mid-write never leaves a truncated file; an existing file at `path` is replaced only by a
     complete new one. The file can be read back with `parse_config(Schema, ["--config", path])`.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

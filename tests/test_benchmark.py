@@ -187,6 +187,6 @@ def test_json_to_a_folder_is_refused(tmp_path):
     r = bench.BenchmarkResult("m", 1, 1, "cpu", "fp32", 1, 16, 0.75, False, 0, [1.0], 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
                               None, "CPU peak RSS growth (ru_maxrss)")
     with pytest.raises(ConfigError, match="folder"):
-        bench.write_json(r, tmp_path)
+        bench.write_result(r, tmp_path)
     assert list(tmp_path.iterdir()) == []
     assert "n/a" in bench.format_table(r)

@@ -13,16 +13,18 @@ import pytest
 from conftest import free_port
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from mae_vit.checkpoint import export_safetensors, load_weights
 from mae_vit.config import FinetuneConfig, parse_config
 from mae_vit.data import ensure_demo_shards
-from mae_vit.engine.classify import (BEST_NAME, METRICS_NAME, eval_batches, evaluate, read_pretrained,
-                                     resolve_num_classes, soft_target_cross_entropy)
+from mae_vit.engine.batches import ShardBatches, transform_for
+from mae_vit.engine.classify import BEST_NAME, METRICS_NAME, read_pretrained, resolve_num_classes, soft_target_cross_entropy
+from mae_vit.eval import classifier_metrics
 from mae_vit.engine.finetune import Finetune, build_finetune_model
 from mae_vit.engine.optim import layer_id, set_lr
-from mae_vit.engine.runtime import RunDir, read_state
+from mae_vit.engine.rundir import RunDir, read_state
 from mae_vit.errors import CheckpointError, ConfigError, DataError
 from mae_vit.layers import resize_pos_embed
 from mae_vit.models import ViTClassifier, create_model
@@ -58,7 +60,7 @@ def cfg_for(out, shards, *extra):
 def test_layer_decay_groups_scale_lr_by_depth_and_exempt_weight_decay(shards, tmp_path):
     cfg = cfg_for(tmp_path, shards, "optim.layer_decay=0.5", "optim.weight_decay=0.05")
     model = ViTClassifier(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=5)
-    optimizer = Finetune(cfg).build_optimizer(model, lr=0.01)
+    optimizer = Finetune(cfg).build_optimizer(model)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
@@ -128,13 +130,13 @@ def test_losses_soft_targets_and_label_smoothing(shards, tmp_path):
     one_hot = F.one_hot(labels, 4).float()
     assert soft_target_cross_entropy(logits, one_hot).item() == pytest.approx(F.cross_entropy(logits, labels).item())
     mode = Finetune(cfg_for(tmp_path, shards, "augment.mixup=0", "augment.cutmix=0", "augment.label_smoothing=0.2"))
-    mode.build_model(4, None)
+    mode.make_model(4, None)
     assert mode.mixer is None
     smoothed = one_hot * 0.8 + 0.2 / 4
     expected = -(smoothed * F.log_softmax(logits, -1)).sum(-1).mean()
-    assert mode.loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert mode.criterion(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
     mode = Finetune(cfg_for(tmp_path, shards))  # the recipe: MixUp 0.8 / CutMix 1.0 with smoothing 0.1
-    mode.build_model(4, None)
+    mode.make_model(4, None)
     images, targets = mode.mix(torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1]))
     assert targets.shape == (6, 4) and torch.allclose(targets.sum(-1), torch.ones(6))
     assert targets.min() >= 0.1 / 4 - 1e-6
@@ -167,14 +169,14 @@ def test_end_to_end_run_exports_best_and_last_and_resumes(shards, tmp_path, mae1
     assert "loaded " + str(mae16) in capsys.readouterr().err
     run = RunDir(out)
     assert [p.name for p in run.complete_checkpoints()] == ["step_0000005", "step_0000007"]  # epoch end, last
-    assert read_state(run.latest()).batches_in_epoch == 2
+    assert read_state(run.latest()).samples_seen == 7 * 12
 
     second = finetune(cfg_for(out, shards, *argv))  # the same command without the step limit: resumes
     err = capsys.readouterr().err
     assert f"resuming from {out / 'checkpoints' / 'step_0000007'}" in err and "loaded " not in err
     assert second["step"] == 10 and second["epoch"] == 2 and second["resumed_from"].endswith("step_0000007")
     state = read_state(run.latest())
-    assert run.latest().name == "step_0000010" and state.epoch == 2 and state.batches_in_epoch == 0
+    assert run.latest().name == "step_0000010" and state.epoch == 2 and state.samples_seen == 10 * 12
 
     metrics = json.loads((out / METRICS_NAME).read_text())
     logs = EventAccumulator(str(out / "logs"))
@@ -183,7 +185,7 @@ def test_end_to_end_run_exports_best_and_last_and_resumes(shards, tmp_path, mae1
     assert sorted(top1) == [5, 7, 10]  # epoch 1, the stop at step 7, epoch 2
     assert metrics["final"]["step"] == 10 and metrics["final"]["n"] == 16
     assert metrics["final"]["top1"] == pytest.approx(top1[10])
-    assert metrics["best"]["top1"] == pytest.approx(max(top1.values())) == state.best_metric
+    assert metrics["best"]["top1"] == pytest.approx(max(top1.values())) == state.best["top1"]
     assert metrics["best"]["step"] == min(s for s, v in top1.items() if v == max(top1.values()))
     assert metrics["num_classes"] == 10 and metrics["img_size"] == 16 and metrics["task"] == "finetune"
     assert "train/loss" in logs.Tags()["scalars"]
@@ -195,7 +197,7 @@ def test_end_to_end_run_exports_best_and_last_and_resumes(shards, tmp_path, mae1
     assert torch.count_nonzero(last["head.weight"]) > 0  # the head trained
     assert not torch.equal(last["blocks.0.attn.qkv.weight"], load_file(str(mae16))["blocks.0.attn.qkv.weight"])
 
-    with pytest.raises(ConfigError, match="at 16 px"):  # resuming at another resolution is refused up front
+    with pytest.raises(ConfigError, match="resolution 16 -> 24"):  # resuming at another resolution is refused up front
         finetune(cfg_for(out, shards, *argv, "--resolution", "24"))
 
 
@@ -203,18 +205,18 @@ EVAL_SCRIPT = textwrap.dedent("""
     import json, sys, pathlib, torch
     from accelerate import Accelerator
     from mae_vit.config import FinetuneConfig, parse_config
-    from mae_vit.engine.classify import eval_batches, evaluate
+    from mae_vit.engine.batches import ShardBatches, transform_for
+    from mae_vit.eval import classifier_metrics
     from mae_vit.models import ViTClassifier
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     model = ViTClassifier(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=10)
     torch.nn.init.normal_(model.head.weight)
-    data = parse_config(FinetuneConfig, ["data.batch_size=4", "data.num_workers=0"]).data
-    val = eval_batches(sys.argv[1], img_size=16, data=data, in_chans=3, rank=accelerator.process_index,
-                       world_size=accelerator.num_processes)
+    cfg = parse_config(FinetuneConfig, ["data.batch_size=4", "data.num_workers=0", "model.img_size=16"])
+    val = ShardBatches(sys.argv[1], cfg, transform_for(cfg, "eval"), accelerator=accelerator, train=False)
     local = sum(len(b["label"]) for b in val.batches())
-    metrics = evaluate(model.to(accelerator.device), val.batches(), accelerator)
+    metrics = classifier_metrics(model.to(accelerator.device), val.batches(), accelerator)
     out = pathlib.Path(sys.argv[2]) / f"rank{accelerator.process_index}.json"  # a file each: no mixed-up lines
     out.write_text(json.dumps({"local": local, "metrics": metrics}))
     accelerator.wait_for_everyone()
@@ -244,8 +246,10 @@ def test_two_process_evaluation_counts_every_sample_once(tmp_path):
     torch.manual_seed(0)  # the same model in one process: the same numbers
     model = ViTClassifier(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=10)
     torch.nn.init.normal_(model.head.weight)
-    data = parse_config(FinetuneConfig, ["data.batch_size=4", "data.num_workers=0"]).data
-    alone = evaluate(model, eval_batches(val, img_size=16, data=data, in_chans=3, rank=0, world_size=1).batches())
+    cfg = parse_config(FinetuneConfig, ["data.batch_size=4", "data.num_workers=0", "model.img_size=16"])
+    accelerator = Accelerator(cpu=True)
+    val_batches = ShardBatches(val, cfg, transform_for(cfg, "eval"), accelerator=accelerator, train=False)
+    alone = classifier_metrics(model, val_batches.batches(), accelerator)
     assert alone["n"] == 21
     assert alone["top1"] == pytest.approx(both[0]["top1"]) and alone["top5"] == pytest.approx(both[0]["top5"])
     assert alone["loss"] == pytest.approx(both[0]["loss"], rel=1e-5)

@@ -16,7 +16,7 @@ from mae_vit.data import ensure_demo_shards, eval_transform, make_loader
 from mae_vit.engine.classify import FEATURES_NAME, METRICS_NAME, read_pretrained
 from mae_vit.engine.linprobe import build_lars, build_probe, linprobe
 from mae_vit.engine.optim import LARS
-from mae_vit.engine.runtime import RunDir, read_state
+from mae_vit.engine.rundir import RunDir, read_state
 from mae_vit.models import create_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def test_feature_cache_run_gives_metrics_and_is_reused_on_resume(shards, tmp_pat
     metrics = json.loads((out / METRICS_NAME).read_text())
     assert metrics["final"]["n"] == 16 and metrics["final"]["step"] == 24 and metrics["final"]["epoch"] == 6
     assert 0 <= metrics["best"]["top1"] <= 100 and metrics["best"]["top1"] >= metrics["final"]["top1"]
-    assert read_state(RunDir(out).latest()).best_metric == metrics["best"]["top1"]
+    assert read_state(RunDir(out).latest()).best["top1"] == metrics["best"]["top1"]
     exported = load_file(str(out / "model.safetensors"))
     assert torch.equal(exported["blocks.0.attn.qkv.weight"], load_file(str(mae16))["blocks.0.attn.qkv.weight"])
 
@@ -155,10 +155,9 @@ def test_overwrite_deletes_the_probe_outputs_and_a_refusal_keeps_them(shards, tm
     for name in names:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("old")
-    run = RunDir(out, extra_outputs=(BEST_NAME, METRICS_NAME, FEATURES_NAME))
-    cfg = cfg_for(out, shards)
+    run = RunDir(out, outputs=(BEST_NAME, METRICS_NAME, FEATURES_NAME))
     with pytest.raises(ConfigError, match="overwrite=true"):
-        run.prepare(cfg, resume=False, overwrite=False, is_main=True)
+        run.prepare(cfg_for(out, shards, "train.resume=false"), is_main=True)
     assert all((out / name).exists() for name in names)
-    assert run.prepare(cfg, resume=False, overwrite=True, is_main=True) is None
+    assert run.prepare(cfg_for(out, shards, "train.resume=false", "train.overwrite=true"), is_main=True) is None
     assert not any((out / name).exists() for name in names)

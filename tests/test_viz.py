@@ -25,7 +25,7 @@ from mae_vit.viz import (
     write_all_figures,
 )
 from mae_vit.viz.embeddings import grid_distances
-from mae_vit.viz.io import save_json
+from mae_vit.files import write_json
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 MAE_DECODER = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -236,8 +236,8 @@ def test_save_png_round_trips_pixels(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]  # no temporary file left behind
 
 
-def test_save_json_writes_non_finite_numbers_as_null(tmp_path):
-    save_json({"a": [1.5, float("nan")], "b": {"c": float("inf")}}, tmp_path / "s.json")
+def test_write_json_writes_non_finite_numbers_as_null(tmp_path):
+    write_json(tmp_path / "s.json", {"a": [1.5, float("nan")], "b": {"c": float("inf")}})
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": [1.5, None], "b": {"c": None}}
 
 

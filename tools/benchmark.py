@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from mae_vit.cli import run_tool
 from mae_vit.config import BenchmarkConfig, parse_config
-from mae_vit.engine.benchmark import benchmark_train_step, format_table, write_json
+from mae_vit.engine.benchmark import benchmark_train_step, format_table, write_result
 
 
 def main(argv):
@@ -26,7 +26,7 @@ def main(argv):
                                   steps=cfg.steps, warmup=cfg.warmup, compile_model=cfg.compile)
     print(format_table(result))
     if cfg.json:
-        write_json(result, cfg.json)
+        write_result(result, cfg.json)
     return result
 
 

@@ -33,9 +33,10 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from mae_vit.files import write_json
 from mae_vit.data.sources import open_source
 from mae_vit.errors import ConfigError, DataError
-from mae_vit.progress import Progress
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def write_shards(
     shards: list[_PartialShard] = []
     class_counts: dict[int, int] = {}
     labelled = unlabelled = 0
-    bar = Progress(total, f"writing {output_dir}", enabled=None if progress else False, unit="samples")
+    bar = tqdm(total=total, desc=f"writing {output_dir}", unit="samples", disable=None if progress else True)
     previous_key = None
     try:
         for key, image, label in samples:
@@ -253,9 +254,7 @@ def _commit(shards, output_dir: Path, prefix: str, overwrite: bool, class_counts
         "class_counts": {str(k): class_counts[k] for k in sorted(class_counts)},
         "class_names": list(class_names) if (labelled and class_names is not None) else None,
     }
-    temp = output_dir / f".{index_name(prefix)}.partial-{os.getpid()}"
-    temp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(temp, output_dir / index_name(prefix))
+    write_json(output_dir / index_name(prefix), index)
     return index
 
 

@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, ContextManager, List, Optional, Tuple
@@ -32,6 +31,7 @@ from typing import Callable, ContextManager, List, Optional, Tuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mae_vit import files
 from mae_vit.engine.optim import build_optimizer, param_groups
 from mae_vit.errors import ConfigError
 from mae_vit.models import MaskedAutoencoderViT, create_model
@@ -346,18 +346,9 @@ def format_table(r: BenchmarkResult) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def write_json(result: BenchmarkResult, path: "str | os.PathLike[str]") -> None:
+def write_result(result: BenchmarkResult, path: "str | os.PathLike[str]") -> None:
     """Write the result as JSON to `path` (parent folders created; written to a temp file, then renamed)."""
     target = Path(path).expanduser()
     if target.is_dir():
         raise ConfigError(f"--json {path}: that is a folder; give a file name such as {Path(path) / 'bench.json'}.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(result), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_json(target, dataclasses.asdict(result))

@@ -25,7 +25,6 @@ from ..data import ensure_demo_shards, expand_urls
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model
 from .optim import build_optimizer, param_groups
-from .schedule import accumulation_steps, scaled_lr
 
 log = logging.getLogger("mae_vit")
 DEMO_IMG_SIZE = 32  # the synthetic demo images are drawn at 32 px; transforms resize them to the model's size
@@ -83,17 +82,10 @@ def make_accelerator(mixed_precision: str, output_dir: str) -> Accelerator:
                        cpu=not torch.cuda.is_available())
 
 
-def batch_plan(optim: DictConfig, batch_size: int, world_size: int) -> tuple[int, int, float]:
-    """(effective batch, accumulation steps, peak lr): lr = base_lr x effective batch / 256 unless optim.lr."""
-    effective = optim.effective_batch or batch_size * world_size
-    accum = accumulation_steps(effective, batch_size, world_size)
-    lr = optim.lr if optim.lr is not None else scaled_lr(optim.base_lr, effective)
-    return effective, accum, lr
-
-
-def build_adamw(model: torch.nn.Module, optim: DictConfig, lr: float, *, layer_decay: float = 1.0):
+def build_adamw(model: torch.nn.Module, optim: DictConfig, *, layer_decay: float = 1.0):
+    """AdamW over `param_groups`; its lr is set before every step by the loop's schedule."""
     groups = param_groups(model, optim.weight_decay, layer_decay=layer_decay)
-    return build_optimizer("adamw", groups, lr=lr, betas=tuple(optim.betas))
+    return build_optimizer("adamw", groups, lr=0.0, betas=tuple(optim.betas))
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ from ..data import eval_transform, make_loader, make_shards, read_index, shard_u
 from ..errors import DataError
 from ..eval.features import extract_features
 from ..eval.pixels import pixel_baseline
-from ..viz.io import save_json
+from ..files import write_json
 from ..viz.report import read_json, write_report
-from .runtime import setup_logging
+from .monitor import setup_logging
 
 log = logging.getLogger("mae_vit")
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,7 +128,7 @@ def run_stage(stage: Stage, timing_file: Path) -> None:
     if done.returncode != 0:
         raise DataError(f"the {stage.name} stage failed (exit status {done.returncode}); its messages are above. "
                         "Fix the cause and run the same command again: finished stages are kept.")
-    save_json({**(read_json(timing_file) or {}), stage.name: round(time.perf_counter() - start, 1)}, timing_file)
+    write_json(timing_file, {**(read_json(timing_file) or {}), stage.name: round(time.perf_counter() - start, 1)})
 
 
 def pixel_stage(urls: dict[str, str]) -> dict:
@@ -158,7 +158,7 @@ def run_chain(preset: str, out: str | os.PathLike, data_dir: str | os.PathLike, 
         run_stage(stage, out / TIMING)
     if read_json(out / PIXELS) is None:
         log.info("[pixels] kNN and logistic regression on the raw pixels")
-        save_json(pixel_stage(urls), out / PIXELS)
+        write_json(out / PIXELS, pixel_stage(urls))
     report = write_report(out, preset=preset, commands={s.name: s.shown() for s in stages})
     log.info("report: %s (this invocation took %.0f s)", report, time.perf_counter() - start)
     return report

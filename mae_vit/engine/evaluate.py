@@ -22,11 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from tqdm.auto import tqdm
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import read_file, to_state_dict
@@ -34,12 +34,10 @@ from ..data import eval_transform, expand_urls, make_loader, read_index
 from ..data.split import worker_batch_counts, worker_sample_counts
 from ..data.urls import shard_sample_counts
 from ..errors import CheckpointError, ConfigError, DataError
-from ..eval import ClassificationMeter, extract_features, fewshot_linear, knn_accuracy
-from ..eval.metrics import check_label_range
-from ..progress import Progress
-from ..viz.io import save_json
+from ..eval import classifier_metrics, extract_features, fewshot_linear, knn_accuracy
+from ..files import write_json
 from .build import make_accelerator, model_config_from_run, model_from_weights, resolve_data
-from .runtime import setup_logging
+from .monitor import setup_logging
 
 log = logging.getLogger("mae_vit")
 
@@ -102,21 +100,18 @@ def evaluate(cfg: DictConfig, *, user_keys: Collection[str] = ()) -> dict:
                            world_size=world, shuffle=False, drop_last=False, in_chans=m.in_chans,
                            pin_memory=accelerator.device.type == "cuda")
 
-    def progress(urls: str, desc: str) -> Progress | None:
-        if not accelerator.is_main_process:
-            return None
-        return Progress(rank_batches(urls, rank=rank, world_size=world, num_workers=d.num_workers,
-                                     batch_size=d.batch_size), desc, unit="batch")
+    def progress(urls: str, desc: str):
+        """The batches of `urls` behind a progress bar (on a terminal, on the main process)."""
+        total = rank_batches(urls, rank=rank, world_size=world, num_workers=d.num_workers, batch_size=d.batch_size)
+        return tqdm(loader(urls), total=total, desc=desc, unit="batch",
+                    disable=None if accelerator.is_main_process else True)
 
     if "top1" in metrics:
-        bar = progress(val_urls, "top-1 on val")
-        results["metrics"]["top1"] = classifier_metrics(model, counted(loader(val_urls), bar), accelerator)
+        results["metrics"]["top1"] = classifier_metrics(model, progress(val_urls, "top-1 on val"), accelerator)
     if "knn" in metrics or "fewshot" in metrics:
         fn = feature_fn(model)
-        bar = progress(train_urls, "features of train")
-        train_x, train_y = features_in_key_order(fn, counted(loader(train_urls), bar), accelerator)
-        bar = progress(val_urls, "features of val")
-        val_x, val_y = features_in_key_order(fn, counted(loader(val_urls), bar), accelerator)
+        train_x, train_y = features_in_key_order(fn, progress(train_urls, "features of train"), accelerator)
+        val_x, val_y = features_in_key_order(fn, progress(val_urls, "features of val"), accelerator)
         k_classes = index_classes or int(max(train_y.max(), val_y.max())) + 1
         results["data"].update(num_train=int(train_y.numel()), num_val=int(val_y.numel()), num_classes=k_classes)
         if "knn" in metrics:
@@ -130,7 +125,7 @@ def evaluate(cfg: DictConfig, *, user_keys: Collection[str] = ()) -> dict:
                                              "shots": {str(s): r for s, r in shots.items()}}
 
     if accelerator.is_main_process:
-        save_json(results, out_dir / METRICS_FILE)
+        write_json(out_dir / METRICS_FILE, results)
         print(format_table(results))
         print(f"metrics written to {out_dir / METRICS_FILE}")
     accelerator.wait_for_everyone()
@@ -199,31 +194,6 @@ def features_in_key_order(fn: Callable[[torch.Tensor], torch.Tensor], loader: It
     feats, label_ids = extract_features(fn, keyed(loader), accelerator)  # (N, D), (N, 2)
     order = torch.argsort(label_ids[:, 1], stable=True)
     return feats[order], label_ids[order, 0]
-
-
-@torch.no_grad()
-def classifier_metrics(model: torch.nn.Module, loader: Iterable[dict], accelerator) -> dict:
-    """{"top1", "top5", "loss", "n"} of `model` over a rank-sharded loader, summed over processes once at the end."""
-    meter = ClassificationMeter()
-    for batch in loader:
-        x = batch["image"].to(accelerator.device, non_blocking=True)
-        y = batch["label"].to(accelerator.device)
-        check_label_range(y, model.num_classes, "validation")
-        logits = model(x).float()  # (B, K)
-        meter.update(logits, y, F.cross_entropy(logits, y, reduction="none"))
-    return meter.reduced(accelerator).compute()
-
-
-def counted(loader: Iterable, bar: Progress | None) -> Iterator:
-    """Yield the loader's batches, advancing `bar` (if any) after each; the bar is closed at the end."""
-    try:
-        for batch in loader:
-            yield batch
-            if bar is not None:
-                bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def rank_batches(urls: str, *, rank: int, world_size: int, num_workers: int, batch_size: int) -> int | None:

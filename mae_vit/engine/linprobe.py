@@ -10,13 +10,12 @@ and stays in eval mode; only the head's parameters reach the optimizer: LARS wit
 augmentation) and of the validation set are computed once, kept in memory and saved to
 `features.pt` in the run directory (reused by a resumed run when they were made for the same model,
 data and checkpoint); the epochs then run over the cached features -- many epochs in seconds.
-The loop (checkpoints, resume, evaluation, best/last export) is `engine/classify.py`.
+The loop is `engine/loop.py`; evaluation and the best/last export are `engine/classify.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -24,12 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..checkpoint import LoadReport, load_weights
-from ..data import eval_transform, linprobe_transform
 from ..errors import ConfigError
 from ..eval.features import extract_features
+from ..files import write_atomic
+from .batches import ShardBatches, TensorBatches, transform_for
 from .build import build_model, check_encoder_loaded
-from .classify import (FEATURES_NAME, ClassifierMode, DataContext, ShardBatches, TensorBatches, eval_batches,
-                       train_classifier)
+from .classify import FEATURES_NAME, ClassifierTask
+from .loop import train
 from .optim import build_optimizer, param_groups
 
 log = logging.getLogger("mae_vit")
@@ -40,7 +40,7 @@ def linprobe(cfg: DictConfig) -> dict:
     if cfg.data.batch_size < 2:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: the probe's BatchNorm needs at least 2 samples "
                           "per batch; use data.batch_size=2 or more.")
-    return train_classifier(cfg, Linprobe(cfg))
+    return train(cfg, Linprobe(cfg))
 
 
 class LinearProbe(nn.Module):
@@ -106,17 +106,15 @@ def build_lars(probe: nn.Module, lr: float, *, weight_decay: float, momentum: fl
     return build_optimizer("lars", param_groups(probe, weight_decay), lr=lr, momentum=momentum)
 
 
-class Linprobe(ClassifierMode):
-    """The linear-probing parts of the classifier loop."""
+class Linprobe(ClassifierTask):
+    """The linear-probing parts of classifier training."""
 
     name = "linprobe"
 
     def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-        self.checkpoint = cfg.checkpoint
-        self.img_size = cfg.model.img_size
+        super().__init__(cfg, img_size=cfg.model.img_size)
 
-    def build_model(self, num_classes: int, pretrained: dict | None) -> tuple[nn.Module, nn.Module]:
+    def make_model(self, num_classes: int, pretrained: dict | None) -> tuple[nn.Module, nn.Module]:
         probe, report = build_probe(self.cfg.model, num_classes=num_classes, pretrained=pretrained,
                                     source=self.checkpoint)
         if pretrained is not None:
@@ -126,56 +124,41 @@ class Linprobe(ClassifierMode):
                         "pretraining). Pass --checkpoint RUN_DIR_OR_FILE to probe pretrained features.")
         return probe, probe.classifier
 
-    def build_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        return build_lars(model, lr, weight_decay=o.weight_decay, momentum=o.momentum)
+        return build_lars(model, 0.0, weight_decay=o.weight_decay, momentum=o.momentum)  # lr: set every step
 
-    def data(self, ctx: DataContext) -> tuple:
-        d, m, seed = self.cfg.data, self.cfg.model, self.cfg.train.seed
-        val = None
-        if ctx.val_urls is not None:
-            val = eval_batches(ctx.val_urls, img_size=self.img_size, data=d, in_chans=m.in_chans, rank=ctx.rank,
-                               world_size=ctx.world_size)
-        if not self.cfg.feature_cache:
-            transform = linprobe_transform(self.img_size, in_chans=m.in_chans, mean=list(d.mean), std=list(d.std),
-                                           crop_scale=tuple(d.crop_scale), interpolation=d.interpolation,
-                                           hflip=d.hflip)
-            train = ShardBatches(ctx.train_urls, transform=transform, batch_size=d.batch_size,
-                                 num_workers=d.num_workers, rank=ctx.rank, world_size=ctx.world_size, seed=seed,
-                                 shuffle_buffer=d.shuffle_buffer, in_chans=m.in_chans,
-                                 pin_memory=ctx.accelerator.device.type == "cuda")
-            return train, val
-        plain = eval_transform(self.img_size, in_chans=m.in_chans, mean=list(d.mean), std=list(d.std),
-                               crop_pct=d.crop_pct, interpolation=d.interpolation)
-        train_images = ShardBatches(ctx.train_urls, transform=plain, batch_size=d.batch_size,
-                                    num_workers=d.num_workers, rank=ctx.rank, world_size=ctx.world_size, seed=seed,
-                                    shuffle_buffer=0, in_chans=m.in_chans, train=False)
-        cache = cached_features(ctx, train_images, val, meta=self._cache_meta(ctx),
-                                path=ctx.run.path / FEATURES_NAME)
-        ctx.model.on_features = True
-        rank, world = ctx.rank, ctx.world_size
-        train = TensorBatches(*cache["train"], batch_size=d.batch_size, rank=rank, world_size=world, seed=seed)
+    def make_train_data(self, val: ShardBatches | None, resumed: bool) -> tuple:
+        cfg, a = self.cfg, self.accelerator
+        if not cfg.feature_cache:
+            return ShardBatches(self.train_urls, cfg, transform_for(cfg, "linprobe"), accelerator=a), val
+        plain = ShardBatches(self.train_urls, cfg, transform_for(cfg, "eval"), accelerator=a, train=False)
+        path = self.run.path / FEATURES_NAME
+        cache = cached_features(self.model, a, plain, val, meta=self._cache_meta(), path=path, reuse=resumed)
+        self.model.on_features = True
+        options = dict(batch_size=cfg.data.batch_size, rank=a.process_index, world_size=a.num_processes)
+        train = TensorBatches(*cache["train"], seed=cfg.train.seed, **options)
         if cache["val"] is not None:
-            val = TensorBatches(*cache["val"], batch_size=d.batch_size, rank=rank, world_size=world, train=False)
+            val = TensorBatches(*cache["val"], train=False, **options)
         return train, val
 
-    def _cache_meta(self, ctx: DataContext) -> dict:
+    def _cache_meta(self) -> dict:
         """What the cached features depend on: a cache made for other values is not reused."""
         d = self.cfg.data
         return {"model": OmegaConf.to_container(self.cfg.model), "checkpoint": self.checkpoint,
-                "train": ctx.train_urls, "val": ctx.val_urls,
+                "train": self.train_urls, "val": self.val_urls,
                 "transform": {"mean": list(d.mean), "std": list(d.std), "crop_pct": d.crop_pct,
                               "interpolation": d.interpolation}}
 
 
-def cached_features(ctx: DataContext, train: ShardBatches, val: ShardBatches | None, *, meta: dict,
-                    path: Path) -> dict:
+def cached_features(probe: LinearProbe, accelerator, train: ShardBatches, val: ShardBatches | None, *, meta: dict,
+                    path: Path, reuse: bool) -> dict:
     """{"train": (features (N, D), labels (N,)), "val": (...) or None}, the whole sets on every process.
 
-    A resumed run reuses `path` when it was made with the same `meta`; otherwise the features are
-    extracted (each process its share, then gathered) and saved to `path` atomically.
+    With `reuse` (a resumed run) `path` is read when it was made with the same `meta`; otherwise the
+    features are extracted (each process its share, then gathered) and saved to `path` atomically.
     """
-    if ctx.resumed and path.is_file():
+    if reuse and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("meta") == meta:
             log.info("feature cache: reusing %s (%d train, %d val features)", path, saved["train_labels"].shape[0],
@@ -183,7 +166,6 @@ def cached_features(ctx: DataContext, train: ShardBatches, val: ShardBatches | N
             return {"train": (saved["train_features"], saved["train_labels"]),
                     "val": None if saved["val_labels"] is None else (saved["val_features"], saved["val_labels"])}
         log.info("feature cache: %s was made for other settings; extracting the features again", path)
-    probe, accelerator = ctx.model, ctx.accelerator
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with accelerator.autocast():
@@ -196,10 +178,8 @@ def cached_features(ctx: DataContext, train: ShardBatches, val: ShardBatches | N
     log.info("feature cache: extracted %d train and %d val features of width %d", train_y.shape[0],
              0 if val_y is None else val_y.shape[0], train_f.shape[1])
     if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save({"meta": meta, "train_features": train_f, "train_labels": train_y, "val_features": val_f,
-                    "val_labels": val_y}, tmp)
-        os.replace(tmp, path)
+        saved = {"meta": meta, "train_features": train_f, "train_labels": train_y, "val_features": val_f,
+                 "val_labels": val_y}
+        write_atomic(path, lambda f: torch.save(saved, f))
     accelerator.wait_for_everyone()
     return {"train": (train_f, train_y), "val": None if val_y is None else (val_f, val_y)}

@@ -1,8 +1,10 @@
-"""The MAE pretraining loop (Accelerate: one CPU, one or many GPUs, many nodes, the same code).
+"""MAE pretraining: what it hands the training loop (`loop.py`), and the checks it runs on the encoder.
 
-Per optimizer step: `accum` micro-batches (no gradient all-reduce but on the last), optional
-gradient clipping, AdamW step with the lr of a pure per-step schedule. The loop never syncs the
-host per step: loss sums and the non-finite check stay on the device until a logging step.
+The task: build the MAE (`model.*`) and AdamW (weight decay off for biases, norms and tokens), read
+the unlabelled training shards with the pretraining transform (random resized crop + flip), and
+compute the model's masked-patch loss. At epoch ends it can run a kNN monitor (`knn.every`), every
+`train.vis_every` steps it draws the reconstructions of a fixed set of images, and at the end it
+exports the weights and compares the encoder with its own random initialisation (`knn.vs_random`).
 """
 
 from __future__ import annotations
@@ -13,16 +15,15 @@ import torch
 from omegaconf import DictConfig
 
 from ..checkpoint import EXPORT_NAME, export_safetensors
-from ..data import eval_transform, make_loader, pretrain_transform, read_index, steps_per_epoch
+from ..data import make_loader, read_index
 from ..eval import extract_features, knn_accuracy
-from ..progress import Progress
+from ..files import write_json
 from ..viz.io import save_png
 from ..viz.reconstruction import reconstruction_grid
-from .build import batch_plan, build_adamw, build_model, make_accelerator, resolve_data
-from .optim import set_lr
-from .runtime import (EpochBatches, log_training, NonFiniteGuard, optimizer_step, plan_steps, restore, RunDir,
-                      save_checkpoint, setup_logging, StopSignal, TrainMeter, write_json)
-from .schedule import lr_at
+from .batches import ShardBatches, transform_for
+from .build import build_adamw, build_model, resolve_data
+from .loop import Task, train
+from .rundir import RunDir, TrainState
 
 log = logging.getLogger("mae_vit")
 METRICS_NAME = "metrics.json"  # the loss at the start and the end, and the pretrained-vs-random kNN check
@@ -30,116 +31,73 @@ METRICS_NAME = "metrics.json"  # the loss at the start and the end, and the pret
 
 def pretrain(cfg: DictConfig) -> dict:
     """Run (or resume) MAE pretraining as configured; returns a summary dict."""
-    t = cfg.train
-    run = RunDir(t.output_dir, extra_outputs=(METRICS_NAME,))
-    train_urls, val_urls = resolve_data(cfg.data)  # bad paths fail here, before anything is built
-    accelerator = make_accelerator(t.mixed_precision, str(run.path))
-    setup_logging(accelerator.is_main_process)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    resume_from = run.prepare(cfg, resume=t.resume, overwrite=t.overwrite, is_main=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    if cfg.data.train is None:
-        train_urls, val_urls = resolve_data(cfg.data, accelerator)
-        log.info("no data.train given: using the synthetic demo shards %s", train_urls)
+    return train(cfg, Pretrain(cfg))
 
-    d, m, o = cfg.data, cfg.model, cfg.optim
-    effective, accum, peak_lr = batch_plan(o, d.batch_size, world)
-    micro_per_epoch = steps_per_epoch(train_urls, world_size=world, num_workers=d.num_workers,
-                                      batch_size=d.batch_size, seed=t.seed)
-    steps_per_ep, warmup_steps, total_steps, last_step = plan_steps(
-        micro_per_epoch, accum=accum, epochs=o.epochs, warmup_epochs=o.warmup_epochs, max_steps=t.max_steps,
-        what=f"{train_urls} ({d.batch_size} per batch, {world} process(es))")
 
-    torch.manual_seed(t.seed)  # the same initial weights on every process
-    model = build_model(m, mae=True)
-    optimizer = build_adamw(model, o, peak_lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = restore(accelerator, resume_from, run)
-    if accelerator.is_main_process:
-        run.save_config(cfg)
-    accelerator.init_trackers("logs")
-    log.info("model %s (%.1fM parameters), %d process(es) x batch %d x %d accumulation = effective batch %d, "
-             "peak lr %.3g, %d steps/epoch, %d steps in all", m.name, sum(p.numel() for p in model.parameters()) / 1e6,
-             world, d.batch_size, accum, effective, peak_lr, steps_per_ep, total_steps)
+class Pretrain(Task):
+    name = "pretrain"
+    outputs = (METRICS_NAME,)
 
-    unwrapped = accelerator.unwrap_model(model)
-    vis_imgs = _fixed_images(val_urls or train_urls, cfg) if accelerator.is_main_process else None
-    guard = NonFiniteGuard(accelerator.device)
-    stop = StopSignal()
-    transform = pretrain_transform(m.img_size, in_chans=m.in_chans, mean=list(d.mean), std=list(d.std),
-                                   crop_scale=tuple(d.crop_scale), interpolation=d.interpolation, hflip=d.hflip)
-    bar = Progress(last_step, "pretrain", unit="step", initial=state.step) if accelerator.is_main_process else None
-    last_ckpt = resume_from
-    first_loss = last_loss = knn_top1 = None
-    meter = TrainMeter(accelerator.device)
-    model.train()
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.knn_top1 = None
 
-    def checkpoint() -> None:
-        nonlocal last_ckpt
-        guard.check(accelerator, last_ckpt)  # never save a diverged state over a good one
-        last_ckpt = save_checkpoint(accelerator, run, state, t.keep_last)
+    def check(self, resuming: bool) -> None:
+        resolve_data(self.cfg.data)  # bad paths fail here, before anything is built
 
-    def compute_loss(batch):
-        imgs = batch["image"].to(accelerator.device, non_blocking=True)
-        loss, _, _ = model(imgs, mask_ratio=m.mask_ratio)
-        return loss, imgs.shape[0]
+    def build_model(self, accelerator, resuming: bool) -> torch.nn.Module:
+        self.accelerator = accelerator
+        self.train_urls, self.val_urls = resolve_data(self.cfg.data, accelerator)
+        if self.cfg.data.train is None:
+            log.info("no data.train given: using the synthetic demo shards %s", self.train_urls)
+        self.model = build_model(self.cfg.model, mae=True)
+        log.info("model %s (%.1fM parameters)", self.cfg.model.name,
+                 sum(p.numel() for p in self.model.parameters()) / 1e6)
+        return self.model
 
-    while state.step < last_step and state.epoch < o.epochs:
-        epoch_micro = steps_per_epoch(train_urls, world_size=world, num_workers=d.num_workers,
-                                      batch_size=d.batch_size, seed=t.seed, epoch=state.epoch) // accum * accum
-        batches = EpochBatches(lambda skip: make_loader(
-            train_urls, transform=transform, batch_size=d.batch_size, num_workers=d.num_workers, rank=rank,
-            world_size=world, seed=t.seed, epoch=state.epoch, shuffle_buffer=d.shuffle_buffer, with_labels=False,
-            in_chans=m.in_chans, pin_memory=accelerator.device.type == "cuda", skip_batches=skip),
-            state.batches_in_epoch)
-        while state.batches_in_epoch < epoch_micro and state.step < last_step:
-            lr = lr_at(state.step, peak_lr=peak_lr, min_lr=o.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
-            set_lr(optimizer, lr)
-            optimizer_step(accelerator, model, optimizer, batches, meter, guard, state, accum=accum,
-                           clip_grad=o.clip_grad, compute_loss=compute_loss)
-            if bar:
-                bar.update()
-            if state.step % t.log_every == 0 or state.step == last_step:
-                stats = log_training(accelerator, meter, guard, state, bar=bar, last_step=last_step, lr=lr,
-                                     epoch_micro=epoch_micro, last_ckpt=last_ckpt)
-                first_loss = stats["loss"] if first_loss is None else first_loss
-                last_loss = stats["loss"]
-                if stop.agreed(accelerator):
-                    log.info("stop signal received: saving a checkpoint at step %d and stopping", state.step)
-                    checkpoint()
-                    accelerator.end_training()
-                    return {"stopped": True, "step": state.step, "checkpoint": str(last_ckpt)}
-            if state.step % t.vis_every == 0 and accelerator.is_main_process:
-                _visualise(accelerator, unwrapped, vis_imgs, cfg, run, state.step)
-            if state.step % t.save_every == 0:
-                checkpoint()
-        if state.batches_in_epoch >= epoch_micro:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-            if cfg.knn.every and val_urls and state.epoch % cfg.knn.every == 0:
-                knn_top1 = knn_monitor(accelerator, unwrapped, train_urls, val_urls, cfg)
-                accelerator.log({"val/knn_top1": knn_top1}, step=state.step)
-                log.info("epoch %d: kNN top-1 %.2f%% (k=%d, T=%g)", state.epoch, knn_top1, cfg.knn.k,
-                         cfg.knn.temperature)
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_adamw(model, self.cfg.optim)
 
-    if bar:
-        bar.close()
-    checkpoint()
-    if accelerator.is_main_process:
-        _visualise(accelerator, unwrapped, vis_imgs, cfg, run, state.step)
-        export_safetensors(unwrapped, run.path / EXPORT_NAME)
-    versus = encoder_vs_random(accelerator, unwrapped, train_urls, val_urls, cfg) if cfg.knn.vs_random else None
-    if versus:
-        accelerator.log({"val/knn_top1": versus["pretrained"], "val/knn_top1_random_init": versus["random_init"]},
-                        step=state.step)
-    summary = {"task": "pretrain", "step": state.step, "epoch": state.epoch, "first_loss": first_loss,
-               "last_loss": last_loss, "knn_top1": knn_top1, "vs_random": versus}
-    if accelerator.is_main_process:
-        write_json(run.path / METRICS_NAME, summary)
-    log.info("done: step %d, loss %s -> %s; weights exported to %s", state.step, _fmt(first_loss),
-             _fmt(last_loss), run.path / EXPORT_NAME)
-    accelerator.end_training()
-    return {**summary, "checkpoint": str(last_ckpt), "weights": str(run.path / EXPORT_NAME)}
+    def build_data(self, run: RunDir, resumed: bool) -> ShardBatches:
+        self.run = run
+        self.fixed = _fixed_images(self.val_urls or self.train_urls, self.cfg) if self.accelerator.is_main_process else None
+        return ShardBatches(self.train_urls, self.cfg, transform_for(self.cfg, "pretrain"),
+                            accelerator=self.accelerator, labels=False)
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        imgs = batch["image"].to(self.accelerator.device, non_blocking=True)
+        loss, _, _ = model(imgs, mask_ratio=self.cfg.model.mask_ratio)
+        return loss
+
+    def after_step(self, step: int, state: TrainState, *, epoch_end: bool, last: bool) -> bool:
+        cfg = self.cfg
+        if (step % cfg.train.vis_every == 0 or last) and self.accelerator.is_main_process:
+            _visualise(self.accelerator, self.model, self.fixed, cfg, self.run, step)
+        epoch = state.epoch
+        if epoch_end and cfg.knn.every and self.val_urls and epoch % cfg.knn.every == 0:
+            self.knn_top1 = knn_monitor(self.accelerator, self.model, self.train_urls, self.val_urls, cfg)
+            self.accelerator.log({"val/knn_top1": self.knn_top1}, step=step)
+            log.info("epoch %d: kNN top-1 %.2f%% (k=%d, T=%g)", epoch, self.knn_top1, cfg.knn.k, cfg.knn.temperature)
+        return False
+
+    def finish(self, state: TrainState) -> dict:
+        a, cfg = self.accelerator, self.cfg
+        weights = self.run.path / EXPORT_NAME
+        if a.is_main_process:
+            export_safetensors(self.model, weights)
+        versus = None
+        if cfg.knn.vs_random:
+            versus = encoder_vs_random(a, self.model, self.train_urls, self.val_urls, cfg)
+        if versus:
+            a.log({"val/knn_top1": versus["pretrained"], "val/knn_top1_random_init": versus["random_init"]},
+                  step=state.step)
+        summary = {"task": "pretrain", "step": state.step, "epoch": state.epoch, "first_loss": state.first_loss,
+                   "last_loss": state.last_loss, "knn_top1": self.knn_top1, "vs_random": versus}
+        if a.is_main_process:
+            write_json(self.run.path / METRICS_NAME, summary)
+        log.info("done: step %d, loss %s -> %s; weights exported to %s", state.step, _fmt(state.first_loss),
+                 _fmt(state.last_loss), weights)
+        return {**summary, "weights": str(weights)}
 
 
 def _fmt(x) -> str:
@@ -153,8 +111,7 @@ def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictCon
     gathered once so that each process holds all of them, then classified with the weighted kNN.
     """
     m, d = cfg.model, cfg.data
-    tf = eval_transform(m.img_size, in_chans=m.in_chans, mean=list(d.mean), std=list(d.std),
-                        crop_pct=d.crop_pct, interpolation=d.interpolation)
+    tf = transform_for(cfg, "eval")
 
     def features(urls):
         loader = make_loader(urls, transform=tf, batch_size=d.batch_size, num_workers=d.num_workers,
@@ -197,11 +154,8 @@ def encoder_vs_random(accelerator, model, train_urls: str, val_urls: str | None,
 
 def _fixed_images(urls: str, cfg: DictConfig, n: int = 8):
     """The first `n` images of the validation (else training) shards and a fixed mask, for the grids."""
-    m, d = cfg.model, cfg.data
-    tf = eval_transform(m.img_size, in_chans=m.in_chans, mean=list(d.mean), std=list(d.std), crop_pct=1.0,
-                        interpolation=d.interpolation)
-    loader = make_loader(urls, transform=tf, batch_size=n, num_workers=0, shuffle=False, with_labels=False,
-                         in_chans=m.in_chans, drop_last=False)
+    loader = make_loader(urls, transform=transform_for(cfg, "eval", crop_pct=1.0), batch_size=n, num_workers=0,
+                         shuffle=False, with_labels=False, in_chans=cfg.model.in_chans, drop_last=False)
     batch = next(iter(loader), None)
     return None if batch is None else batch["image"][:n]
 

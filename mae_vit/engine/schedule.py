@@ -7,7 +7,8 @@ same curve. The peak follows the linear scaling rule lr = base_lr * effective_ba
 """
 
 import math
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 from mae_vit.errors import ConfigError
 
@@ -75,3 +76,58 @@ def accumulation_steps(effective_batch: Optional[int], batch_size: int, world_si
         f"{batch_size} x {world_size} = {per_micro_batch}, so it cannot be reached by accumulating whole "
         f"micro-batches. Use {options}."
     )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's arithmetic, fixed before its first step: batches, steps and the lr schedule.
+
+    One optimizer step takes `accum` micro-batches on each process (`effective_batch` images in
+    all); an epoch of the schedule is `steps_per_epoch` steps; the run goes from `first_step` to
+    `last_step` (<= `total_steps`, where the cosine ends).
+    """
+
+    effective_batch: int
+    accum: int
+    peak_lr: float
+    min_lr: float
+    steps_per_epoch: int
+    warmup_steps: int
+    total_steps: int
+    last_step: int
+    first_step: int
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Micro-batches each process takes per epoch."""
+        return self.steps_per_epoch * self.accum
+
+    def lr(self, step: int) -> float:
+        """The lr of optimizer step `step` (1-based: the first step uses the schedule's value at 0)."""
+        return lr_at(step - 1, peak_lr=self.peak_lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
+                     total_steps=self.total_steps)
+
+
+def make_plan(optim, *, batch_size: int, world_size: int, max_steps: Optional[int], samples_per_epoch: int,
+              samples_seen: int, batches_per_epoch: Callable[[], int]) -> Plan:
+    """The plan of a run from its `optim` config section and where its data stands.
+
+    A fresh run (`samples_per_epoch` 0) fixes its epoch as the optimizer steps that every process's
+    share of the data fills (`batches_per_epoch()`: full batches per process). A resumed run passes
+    the saved figures, so that continued with another number of processes, batch size or workers it
+    keeps its schedule and goes on after the same number of samples.
+    """
+    effective = optim.effective_batch or batch_size * world_size
+    accum = accumulation_steps(effective, batch_size, world_size)
+    peak_lr = optim.lr if optim.lr is not None else scaled_lr(optim.base_lr, effective)
+    fresh = samples_per_epoch == 0
+    steps_per_epoch = batches_per_epoch() // accum if fresh else samples_per_epoch // effective
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"one epoch of the training data does not fill one optimizer step of {effective} images "
+            f"({world_size} process(es) x data.batch_size {batch_size} x {accum} accumulation); lower data.batch_size "
+            "or optim.effective_batch, or use more data.")
+    warmup, total = schedule_steps(optim.epochs, optim.warmup_epochs, steps_per_epoch)
+    return Plan(effective_batch=effective, accum=accum, peak_lr=peak_lr, min_lr=optim.min_lr,
+                steps_per_epoch=steps_per_epoch, warmup_steps=warmup, total_steps=total,
+                last_step=min(total, max_steps) if max_steps else total, first_step=samples_seen // effective)

@@ -22,7 +22,7 @@ from ..data import eval_transform, make_loader, read_index
 from ..errors import ConfigError, DataError
 from ..viz import write_all_figures
 from .build import model_config_from_run, model_from_weights, resolve_data
-from .runtime import setup_logging
+from .monitor import setup_logging
 
 log = logging.getLogger("mae_vit")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mae_vit.errors import DataError
 from mae_vit.eval.distributed import sum_across_processes
@@ -156,3 +157,25 @@ class ClassificationMeter:
         out["loss"] = self.loss_sum / self.loss_n if self.loss_n else None
         out["n"] = self.n
         return out
+
+
+@torch.no_grad()
+def classifier_metrics(model: torch.nn.Module, batches, accelerator) -> dict:
+    """{"top1", "top5", "loss", "n"} of a classifier over this process's share of the evaluation batches.
+
+    Shares may differ in length, so the (unwrapped) model runs with no collective per batch and the
+    totals are summed over processes once at the end; every process must call this. The model is
+    switched to eval mode for the pass and back afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    meter = ClassificationMeter()
+    for batch in batches:
+        images = batch["image"].to(accelerator.device, non_blocking=True)
+        labels = batch["label"].to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            logits = model(images).float()  # (B, K)
+        check_label_range(labels, logits.shape[1], "validation")
+        meter.update(logits, labels, F.cross_entropy(logits, labels, reduction="none"))
+    model.train(was_training)
+    return meter.reduced(accelerator).compute()

@@ -29,7 +29,8 @@ from mae_vit.viz.embeddings import (
     position_embedding_similarity,
     position_similarity_stats,
 )
-from mae_vit.viz.io import save_figure, save_json
+from mae_vit.files import write_json
+from mae_vit.viz.io import save_figure
 from mae_vit.viz.reconstruction import reconstruction_caption, reconstruction_grid, to_display
 
 FILES = {
@@ -232,5 +233,5 @@ def write_all_figures(
         summary["skipped"]["reconstructions"] = "not a masked autoencoder"
 
     summary["files"].append(FILES["summary"])
-    save_json(summary, out / FILES["summary"])
+    write_json(out / FILES["summary"], summary)
     return summary

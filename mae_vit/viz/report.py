@@ -12,7 +12,8 @@ import os
 import platform
 from pathlib import Path
 
-from .io import save_figure, save_json
+from ..files import write_json
+from .io import save_figure
 
 CURVES = {"pretrain_loss.png": ("pretrain", "train/loss"), "finetune_top1.png": ("finetune_*", "val/top1")}
 
@@ -122,7 +123,7 @@ def write_report(out: str | os.PathLike, *, preset: str, commands: dict[str, str
     out = Path(out)
     results = collect(out, preset, commands)
     results["figures"] = plot_curves(out)
-    save_json(results, out / "results.json")
+    write_json(out / "results.json", results)
     total = sum(results["seconds"].values()) + (results["pixels"].get("seconds") or 0)
     lines = [f"# Fashion-MNIST, preset `{preset}`", "",
              f"Machine: {results['machine']}. Total wall time {total / 60:.1f} min. Test split: the 10,000 "

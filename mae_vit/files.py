@@ -1,0 +1,62 @@
+"""Every file this project writes goes through here: complete or not at all.
+
+`atomic_path(path)` hands out a temporary name in the destination folder; when the block ends
+without an error the file is flushed to disk and renamed over `path` (a rename within one folder is
+atomic), otherwise it is removed. A reader, a crash or a full disk therefore never sees a truncated
+file, and an existing good file is replaced only by a complete new one. The temporary file is
+created with the process's umask (teammates can read a shared run, as with any other file).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+_counter = itertools.count()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success fsync it and rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_counter)}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call `write(file)` on a binary file that becomes `path` only when `write` returns."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _finite_or_none(data):
+    """A copy of nested dicts/lists with every NaN or infinite float replaced by None (JSON has neither)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_none(v) for v in data]
+    return data
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """`data` as indented, strictly valid JSON (NaN and infinities written as null)."""
+    return write_text(path, json.dumps(_finite_or_none(data), indent=1, allow_nan=False) + "\n")
