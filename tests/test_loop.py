@@ -1,0 +1,142 @@
+"""The one training loop: counted in steps, resumed at the same sample whatever the layout, resumable by what matters."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mae_vit.config import FinetuneConfig, PretrainConfig, parse_config
+from mae_vit.data import ensure_demo_shards, steps_per_epoch
+from mae_vit.data.synthetic import synthetic_samples
+from mae_vit.data.writer import shard_urls, write_shards
+from mae_vit.engine.finetune import finetune
+from mae_vit.engine.monitor import StopSignal
+from mae_vit.engine.pretrain import pretrain
+from mae_vit.engine.rundir import RunDir, read_state
+from mae_vit.engine.schedule import lr_at
+from mae_vit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ["model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.num_workers=0",
+         "train.log_every=1"]
+MAE = [*MODEL, "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2", "train.vis_every=1000",
+       "knn.vs_random=false"]
+RAN_OUT = "ran out before the planned end of the epoch"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return ensure_demo_shards(tmp_path_factory.mktemp("cache"), num_samples=64)  # 64 train, 16 val
+
+
+def stop_at_call(monkeypatch, n):
+    """SIGTERM arrives just before the n-th stop check (one check per step in a single process)."""
+    calls = []
+
+    def agreed(self, accelerator):
+        calls.append(1)
+        return len(calls) >= n
+
+    monkeypatch.setattr(StopSignal, "agreed", agreed)
+
+
+def scalars(run, tag):
+    logs = EventAccumulator(str(Path(run) / "logs"))
+    logs.Reload()
+    return {e.step: e.value for e in logs.Scalars(tag)}
+
+
+def test_a_stop_at_an_epochs_last_step_resumes_the_classifier_with_exactly_the_planned_steps(
+        shards, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--data", shards[0], f"data.val={shards[1]}", *MODEL,
+            "model.name=vit_tiny_patch4", "data.batch_size=16", "optim.epochs=2", "optim.warmup_epochs=0"]
+    stop_at_call(monkeypatch, 4)  # 64 / 16 = 4 steps per epoch: the stop comes at epoch 1's last step
+    first = finetune(parse_config(FinetuneConfig, argv))
+    assert first["stopped"] and first["step"] == 4
+    assert read_state(RunDir(out).latest()).samples_seen == 64  # epoch 1 done, evaluated, nothing of epoch 2
+    monkeypatch.undo()
+    second = finetune(parse_config(FinetuneConfig, argv))
+    assert RAN_OUT not in capsys.readouterr().err
+    assert second["step"] == 8 and second["epoch"] == 2
+    assert sorted(scalars(out, "val/top1")) == [4, 8]  # one evaluation per epoch, none repeated
+    assert sorted(scalars(out, "train/loss")) == list(range(1, 9))  # every step once
+
+
+def test_a_stop_at_an_epochs_last_step_resumes_pretraining_with_exactly_the_planned_steps(
+        shards, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--data", shards[0], *MAE, "data.batch_size=16", "optim.epochs=3"]
+    stop_at_call(monkeypatch, 8)
+    assert pretrain(parse_config(PretrainConfig, argv))["step"] == 8
+    monkeypatch.undo()
+    summary = pretrain(parse_config(PretrainConfig, argv))
+    assert RAN_OUT not in capsys.readouterr().err
+    assert summary["step"] == 12 and summary["epoch"] == 3
+    assert read_state(RunDir(out).latest()).samples_seen == 3 * 64
+
+
+def test_uneven_shards_the_run_takes_every_planned_step_and_the_lr_ends_at_min_lr(tmp_path):
+    data = tmp_path / "uneven"
+    index = write_shards(synthetic_samples(130, img_size=16), data, samples_per_shard=30, progress=False)
+    urls = shard_urls(data, "shard", len(index["shards"]))  # shards of 30, 30, 30, 30 and 10 samples
+    counts = [steps_per_epoch(urls, world_size=1, num_workers=2, batch_size=8, epoch=e) for e in range(3)]
+    assert counts == [15, 16, 16]  # two workers: the batches per epoch depend on how the shards are dealt
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--data", urls, *MAE, "data.num_workers=2", "data.batch_size=8",
+            "optim.epochs=3", "optim.warmup_epochs=1", "optim.base_lr=1e-3", "optim.min_lr=1e-5"]
+    summary = pretrain(parse_config(PretrainConfig, argv))
+    assert summary["step"] == 45 and summary["epoch"] == 3  # 3 epochs of the 15 steps planned from epoch 0
+    lr = scalars(out, "train/lr")
+    peak = 1e-3 * 8 / 256
+    assert lr[45] == pytest.approx(lr_at(44, peak_lr=peak, min_lr=1e-5, warmup_steps=15, total_steps=45))
+    assert lr[45] - 1e-5 < 0.01 * (peak - 1e-5)  # the last step is at the bottom of the cosine
+    assert sorted(scalars(out, "train/epoch").items())[-1] == (45, 3.0)
+
+
+def test_resume_allows_changes_that_keep_the_weights_shapes_and_refuses_others(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--data", shards[0], *MAE, "data.batch_size=16", "optim.epochs=2"]
+    pretrain(parse_config(PretrainConfig, [*argv, "train.max_steps=3"]))
+    summary = pretrain(parse_config(PretrainConfig, [*argv, "model.grad_checkpointing=true", "model.mask_ratio=0.5",
+                                                     "model.drop_path_rate=0.1"]))
+    assert summary["step"] == 8
+    assert ("changed since the checkpoint: model.drop_path_rate 0.0 -> 0.1, model.grad_checkpointing false -> true, "
+            "model.mask_ratio 0.75 -> 0.5") in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"other shapes than this command asks for \(model.embed_dim 32 -> 64;"):
+        pretrain(parse_config(PretrainConfig, [*argv, "model.embed_dim=64", "optim.epochs=3"]))
+
+
+def launch(argv, processes, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    tool = str(ROOT / "tools" / "pretrain.py")
+    if processes == 1:
+        cmd = [sys.executable, tool, *argv]
+    else:  # --multi_gpu without GPUs: torch's launcher starts CPU (gloo) processes
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), tool, *argv]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_resumed_with_another_number_of_processes_ends_at_the_same_sample_count(shards, tmp_path, before,
+                                                                                       after):
+    out = tmp_path / "run"
+    # effective batch 16: 2 processes x 8, or 1 process x 8 x 2 accumulation; 64 / 16 = 4 steps per epoch
+    argv = ["--output-dir", str(out), "--data", shards[0], *MAE, "data.batch_size=8", "optim.effective_batch=16",
+            "optim.epochs=2", "train.save_every=2"]
+    launch([*argv, "train.max_steps=3"], before)
+    assert read_state(RunDir(out).latest()).samples_seen == 3 * 16
+    err = launch(argv, after)
+    assert "the process layout changed since the checkpoint" in err and RAN_OUT not in err
+    state = read_state(RunDir(out).latest())
+    assert state.step == 8 and state.samples_seen == 8 * 16 == 2 * 64  # as an uninterrupted run
+    assert state.layout["processes"] == after and state.layout["accumulation"] == (2 if after == 1 else 1)
