@@ -261,7 +261,7 @@ def test_help_lists_flags_and_every_key_with_default_and_comment(capsys):
     assert "null" in lines["checkpoint"]
     # every leaf key of the schema appears once
     keys = [k for k in lines]
-    assert len(keys) == len(set(keys)) == 17 + 14 + 11 + 6 + 11 + 2  # model, data, optim, augment, train, tool
+    assert len(keys) == len(set(keys)) == 12 + 14 + 10 + 6 + 10 + 2  # model, data, optim, augment, train, tool
 
 
 def test_short_help_flag(capsys):
@@ -351,3 +351,31 @@ def test_string_keys_take_the_command_line_text_literally():
     assert parse_config(PretrainConfig, ["--output-dir", "0755"]).train.output_dir == here("0755")
     assert parse_config(PretrainConfig, ["data.val=null"]).data.val is None      # null still means "unset"
     assert parse_config(PretrainConfig, ["optim.lr=1e-3"]).optim.lr == 0.001     # other keys: YAML as before
+
+
+# ------------------------------------------------------------------ each tool holds only the keys it reads
+
+
+@pytest.mark.parametrize("schema, key", [
+    (PretrainConfig, "optim.layer_decay=0.75"), (PretrainConfig, "optim.momentum=0.9"),
+    (PretrainConfig, "model.global_pool=false"), (PretrainConfig, "train.eval_every=2"),
+    (FinetuneConfig, "model.mask_ratio=0.5"), (FinetuneConfig, "optim.momentum=0.9"), (FinetuneConfig, "knn.k=5"),
+    (FinetuneConfig, "train.vis_every=10"), (LinprobeConfig, "optim.betas=[0.9,0.9]"),
+    (LinprobeConfig, "optim.layer_decay=0.5"), (LinprobeConfig, "model.drop_path_rate=0.1"),
+    (EvaluateConfig, "data.crop_scale=[0.5,1.0]"), (EvaluateConfig, "knn.every=1"),
+])
+def test_a_key_the_tool_would_ignore_is_an_unknown_key(schema, key):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key.split('=')[0]}'"):
+        parse_config(schema, [key])
+
+
+def test_layer_decay_given_to_the_pretraining_tool_exits_2_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "pretrain.py"
+    result = subprocess.run([sys.executable, str(tool), "--output-dir", str(tmp_path / "run"), "optim.layer_decay=0.75"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown config key 'optim.layer_decay'" in result.stderr and not (tmp_path / "run").exists()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mae_vit.data.demo import ensure_demo_shards
-from mae_vit.data.shards import make_loader, samples_per_rank, steps_per_epoch
+from mae_vit.data.shards import make_loader, rank_batch_counts
 from mae_vit.data.split import kept_in_range, resume_plan
 from mae_vit.data.synthetic import synthetic_samples
 from mae_vit.data.urls import count_tar_samples, expand_urls, read_index
@@ -81,7 +81,7 @@ def test_read_index_and_counts(tmp_path):
     assert count_tar_samples(expand_urls(urls)[0]) == 3
     (tmp_path / "shard-index.json").unlink()
     assert read_index(urls) is None
-    assert samples_per_rank(urls, world_size=1) == [6]  # falls back to counting tar headers
+    assert rank_batch_counts(urls, world_size=1, num_workers=0, batch_size=1) == [6]  # counts tar headers
 
 
 # -- exactly-once splitting ----------------------------------------------------------------------------
@@ -93,15 +93,15 @@ def test_every_sample_exactly_once_over_2_ranks_x_2_workers(tmp_path, counts):
     per_rank = [keys_of(epoch_batches(urls, rank=r, world_size=2, epoch=1)) for r in range(2)]
     together = per_rank[0] + per_rank[1]
     assert sorted(together) == all_keys  # union is everything, nothing twice
-    assert [len(k) for k in per_rank] == samples_per_rank(urls, world_size=2, num_workers=2, epoch=1)
+    assert [len(k) for k in per_rank] == rank_batch_counts(urls, world_size=2, num_workers=2, batch_size=1, epoch=1)
 
 
-def test_steps_per_epoch_is_the_full_batches_of_the_slowest_rank(tmp_path):
+def test_rank_batch_counts_are_the_full_batches_of_each_rank(tmp_path):
     urls, _ = make_set(tmp_path, [5, 3, 4, 6, 2, 5, 4, 3])
     for epoch in (0, 1):
         full = [len(epoch_batches(urls, rank=r, world_size=2, epoch=epoch, batch_size=3, drop_last=True))
                 for r in range(2)]
-        assert steps_per_epoch(urls, world_size=2, num_workers=2, batch_size=3, epoch=epoch) == min(full)
+        assert rank_batch_counts(urls, world_size=2, num_workers=2, batch_size=3, epoch=epoch) == full
 
 
 def test_without_workers_and_single_rank(tmp_path):
@@ -121,11 +121,10 @@ def test_epochs_reorder_and_same_epoch_repeats(tmp_path):
     assert in_order == all_keys
 
 
-def test_set_epoch_reaches_the_workers(tmp_path):
+def test_the_epoch_reaches_the_workers(tmp_path):
     urls, _ = make_set(tmp_path, [6, 6, 6, 6])
-    loader = make_loader(urls, batch_size=4, num_workers=2, epoch=0, shuffle_buffer=10, drop_last=False)
-    loader.dataset.set_epoch(1)
-    assert keys_of(list(loader)) == keys_of(epoch_batches(urls, epoch=1))
+    loader = make_loader(urls, batch_size=4, num_workers=2, epoch=1, shuffle_buffer=10, drop_last=False)
+    assert keys_of(list(loader)) == keys_of(epoch_batches(urls, epoch=1)) != keys_of(epoch_batches(urls, epoch=0))
 
 
 def test_batch_contents(tmp_path):

@@ -10,7 +10,7 @@ from conftest import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mae_vit.config import FinetuneConfig, PretrainConfig, parse_config
-from mae_vit.data import ensure_demo_shards, steps_per_epoch
+from mae_vit.data import ensure_demo_shards, rank_batch_counts
 from mae_vit.data.synthetic import synthetic_samples
 from mae_vit.data.writer import shard_urls, write_shards
 from mae_vit.engine.finetune import finetune
@@ -84,7 +84,7 @@ def test_uneven_shards_the_run_takes_every_planned_step_and_the_lr_ends_at_min_l
     data = tmp_path / "uneven"
     index = write_shards(synthetic_samples(130, img_size=16), data, samples_per_shard=30, progress=False)
     urls = shard_urls(data, "shard", len(index["shards"]))  # shards of 30, 30, 30, 30 and 10 samples
-    counts = [steps_per_epoch(urls, world_size=1, num_workers=2, batch_size=8, epoch=e) for e in range(3)]
+    counts = [rank_batch_counts(urls, world_size=1, num_workers=2, batch_size=8, epoch=e)[0] for e in range(3)]
     assert counts == [15, 16, 16]  # two workers: the batches per epoch depend on how the shards are dealt
     out = tmp_path / "run"
     argv = ["--output-dir", str(out), "--data", urls, *MAE, "data.num_workers=2", "data.batch_size=8",

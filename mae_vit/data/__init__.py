@@ -3,11 +3,9 @@
 Typical use:
     train_urls, val_urls = ensure_demo_shards("~/.cache/mae_vit")          # or tools/make_shards.py
     loader = make_loader(train_urls, transform=pretrain_transform(32), batch_size=64, num_workers=2,
-                         rank=rank, world_size=world_size, seed=0)
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        steps = steps_per_epoch(train_urls, world_size=world_size, num_workers=2, batch_size=64, epoch=epoch)
-        for step, batch in zip(range(steps), loader): ...   # batch: image, label, key, skipped, skipped_shards
+                         rank=rank, world_size=world_size, seed=0, epoch=0)
+    steps = min(rank_batch_counts(train_urls, world_size=world_size, num_workers=2, batch_size=64))
+    for step, batch in zip(range(steps), loader): ...   # batch: image, label, key, skipped, skipped_shards
 """
 
 from mae_vit.data.demo import ensure_demo_shards
@@ -17,8 +15,7 @@ from mae_vit.data.shards import (
     ShardLoader,
     collate_samples,
     make_loader,
-    samples_per_rank,
-    steps_per_epoch,
+    rank_batch_counts,
 )
 from mae_vit.data.sources import SampleSource, open_source
 from mae_vit.data.synthetic import synthetic_sample, synthetic_samples
@@ -55,9 +52,8 @@ __all__ = [
     "pretrain_transform",
     "read_idx",
     "read_index",
-    "samples_per_rank",
+    "rank_batch_counts",
     "shard_urls",
-    "steps_per_epoch",
     "synthetic_sample",
     "synthetic_samples",
     "write_shards",

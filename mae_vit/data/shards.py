@@ -87,7 +87,6 @@ class ShardDataset(IterableDataset):
     skip_batches (resume inside an epoch): leave out the first `skip_batches` batches the DataLoader
     (with this batch_size and drop_last) would have returned this epoch; the rest come in the same
     order when no sample of the skipped part was bad. Augmentation randomness is not replayed.
-    Call `set_epoch(e)` before iterating each epoch (non-persistent workers copy the dataset anew).
     """
 
     def __init__(
@@ -127,22 +126,13 @@ class ShardDataset(IterableDataset):
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
         self.batch_size, self.drop_last = batch_size, drop_last
-        self.shard_counts = None  # samples per shard, needed (and computed) only to resume inside an epoch
-        self.skip_batches = 0
-        self.set_skip_batches(skip_batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def set_skip_batches(self, skip_batches: int) -> None:
-        """Resume offset for the next iteration (set it back to 0 for the epochs after the resumed one)."""
         if not isinstance(skip_batches, int) or skip_batches < 0:
             raise ConfigError(f"skip_batches must be an integer >= 0, got {skip_batches!r}.")
         if skip_batches and not self.batch_size:
             raise ConfigError("skip_batches counts batches: it needs batch_size (a positive integer).")
-        if skip_batches and self.shard_counts is None:
-            self.shard_counts = self.expected or shard_sample_counts(self.urls)
         self.skip_batches = skip_batches
+        # samples per shard, needed only to resume inside an epoch
+        self.shard_counts = (self.expected or shard_sample_counts(self.urls)) if skip_batches else None
 
     # -- pipeline stages ---------------------------------------------------------------------------
 
@@ -313,14 +303,7 @@ class ShardLoader(DataLoader):
     """DataLoader over a batching ShardDataset: folds count-only records into a neighbouring batch.
 
     It holds one batch back so that counts arriving after the last batch still reach a batch.
-    `set_epoch(e)` and `set_skip_batches(n)` forward to the dataset (call them before iterating).
     """
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-    def set_skip_batches(self, skip_batches: int) -> None:
-        self.dataset.set_skip_batches(skip_batches)
 
     def __iter__(self) -> Iterator[dict]:
         held, pending = None, [0, 0]
@@ -361,7 +344,6 @@ def make_loader(
     drop_last: bool = True,
     pin_memory: bool = False,
     skip_batches: int = 0,
-    prefetch_factor: int | None = None,
 ) -> ShardLoader:
     """A `ShardLoader` over this rank's share, yielding batch dicts (see module doc).
 
@@ -383,7 +365,6 @@ def make_loader(
     )
     generator = torch.Generator()
     generator.manual_seed((seed * 1_000_003 + epoch) * 1_009 + rank)
-    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
     return ShardLoader(
         dataset,
         batch_size=None,  # the dataset batches (per worker, as a DataLoader would) to carry the skip counts
@@ -391,26 +372,10 @@ def make_loader(
         collate_fn=_unchanged,
         pin_memory=pin_memory,
         generator=generator,
-        **extra,
     )
 
 
-def samples_per_rank(
-    urls: str | list[str], *, world_size: int, num_workers: int = 0, seed: int = 0, epoch: int = 0, shuffle: bool = True
-) -> list[int]:
-    """Samples each rank reads this epoch (list of world_size ints), from the index or tar headers.
-
-    Identical on every rank. Depends on epoch only when shards hold different numbers of samples.
-    """
-    url_list = expand_urls(urls)
-    counts = worker_sample_counts(
-        shard_sample_counts(url_list), world_size=world_size, num_workers=num_workers,
-        seed=seed, epoch=epoch, shuffle=shuffle,
-    )
-    return [sum(per_worker) for per_worker in counts]
-
-
-def steps_per_epoch(
+def rank_batch_counts(
     urls: str | list[str],
     *,
     world_size: int,
@@ -420,15 +385,13 @@ def steps_per_epoch(
     epoch: int = 0,
     shuffle: bool = True,
     drop_last: bool = True,
-) -> int:
-    """Batches the slowest rank's `make_loader(...)` delivers this epoch: the step count all DDP ranks can share.
+) -> list[int]:
+    """Batches each rank's `make_loader(...)` delivers in `epoch` (world_size ints), from the index or tar headers.
 
-    Counts each worker's batches separately (as the DataLoader makes them). Bad samples can make a rank
-    deliver fewer, so the training loop should still stop cleanly if its loader runs out first.
+    Counts each worker's batches separately (as the DataLoader makes them); identical on every rank.
+    Training takes the smallest: the number of steps every rank can share. Bad samples can make a rank
+    deliver fewer, so a training loop must still cope with a loader that runs out first.
     """
-    url_list = expand_urls(urls)
-    counts = worker_sample_counts(
-        shard_sample_counts(url_list), world_size=world_size, num_workers=num_workers,
-        seed=seed, epoch=epoch, shuffle=shuffle,
-    )
-    return min(sum(worker_batch_counts(per_worker, batch_size, drop_last)) for per_worker in counts)
+    counts = worker_sample_counts(shard_sample_counts(expand_urls(urls)), world_size=world_size,
+                                  num_workers=num_workers, seed=seed, epoch=epoch, shuffle=shuffle)
+    return [sum(worker_batch_counts(per_worker, batch_size, drop_last)) for per_worker in counts]

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..data import (eval_transform, finetune_transform, linprobe_transform, make_loader, pretrain_transform,
-                    steps_per_epoch)
+                    rank_batch_counts)
 from ..errors import DataError
 from .schedule import Plan
 
@@ -65,8 +65,8 @@ class ShardBatches:
     def batches_per_epoch(self, epoch: int) -> int:
         """Full batches every process gets in `epoch` (the fewest of any process)."""
         o = self.options
-        return steps_per_epoch(self.urls, world_size=o["world_size"], num_workers=o["num_workers"],
-                               batch_size=o["batch_size"], seed=o["seed"], epoch=epoch)
+        return min(rank_batch_counts(self.urls, world_size=o["world_size"], num_workers=o["num_workers"],
+                                     batch_size=o["batch_size"], seed=o["seed"], epoch=epoch))
 
     def batches(self, epoch: int = 0, skip: int = 0) -> Iterable[dict]:
         return make_loader(self.urls, transform=self.transform, epoch=epoch, skip_batches=skip, **self.options,

@@ -52,17 +52,13 @@ def resolve_data(data: DictConfig, accelerator: Accelerator | None = None) -> tu
 
 
 def model_kwargs(model: DictConfig, *, mae: bool, img_size: int | None = None) -> dict:
-    """Explicit create_model options from the `model` config section."""
-    kw = dict(img_size=img_size or model.img_size, patch_size=model.patch_size, in_chans=model.in_chans,
-              embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
-              pos_embed=model.pos_embed, drop_path_rate=model.drop_path_rate,
-              grad_checkpointing=model.grad_checkpointing)
-    if mae:
-        kw.update(norm_pix_loss=model.norm_pix_loss, decoder_embed_dim=model.decoder_embed_dim,
-                  decoder_depth=model.decoder_depth, decoder_num_heads=model.decoder_num_heads)
-    else:
-        kw.update(num_classes=model.num_classes, global_pool=model.global_pool)
-    return {k: v for k, v in kw.items() if v is not None}
+    """Explicit create_model options from a `model` config section (a tool's section holds only what it uses)."""
+    names = ["patch_size", "in_chans", "embed_dim", "depth", "num_heads", "pos_embed", "drop_path_rate",
+             "grad_checkpointing"]
+    names += ["norm_pix_loss", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"] if mae else ["num_classes",
+                                                                                                       "global_pool"]
+    kw = {name: model.get(name) for name in names}
+    return {"img_size": img_size or model.img_size, **{k: v for k, v in kw.items() if v is not None}}
 
 
 def build_model(model: DictConfig, *, mae: bool, **extra) -> torch.nn.Module:

@@ -30,9 +30,7 @@ from tqdm.auto import tqdm
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import read_file, to_state_dict
-from ..data import eval_transform, expand_urls, make_loader, read_index
-from ..data.split import worker_batch_counts, worker_sample_counts
-from ..data.urls import shard_sample_counts
+from ..data import eval_transform, make_loader, rank_batch_counts, read_index
 from ..errors import CheckpointError, ConfigError, DataError
 from ..eval import classifier_metrics, extract_features, fewshot_linear, knn_accuracy
 from ..files import write_json
@@ -197,14 +195,13 @@ def features_in_key_order(fn: Callable[[torch.Tensor], torch.Tensor], loader: It
 
 
 def rank_batches(urls: str, *, rank: int, world_size: int, num_workers: int, batch_size: int) -> int | None:
-    """Batches this rank's `make_loader(..., shuffle=False, drop_last=False)` yields; None when unknown
-    (remote shards without an index). Only sizes the progress bar."""
+    """Batches this rank's evaluation loader yields; None when unknown (remote shards without an index).
+    Only sizes the progress bar."""
     try:
-        counts = worker_sample_counts(shard_sample_counts(expand_urls(urls)), world_size=world_size,
-                                      num_workers=num_workers, seed=0, epoch=0, shuffle=False)
+        return rank_batch_counts(urls, world_size=world_size, num_workers=num_workers, batch_size=batch_size,
+                                 shuffle=False, drop_last=False)[rank]
     except DataError:
         return None
-    return sum(worker_batch_counts(counts[rank], batch_size, False))
 
 
 def format_table(results: dict) -> str:

@@ -1,0 +1,299 @@
+"""What every tool can be told: one dataclass per tool, made of sections that hold only the keys it reads.
+
+A key the tool would ignore is therefore an unknown key (the command line stops with suggestions).
+Each field carries its --help text and, where the type says too little, its check:
+`key(default, help, check)`; `config.py` reads the command line into these and runs the checks.
+"""
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from mae_vit.errors import ConfigError
+
+
+def key(default, help: str, check: Optional[Tuple] = None):
+    """A config field: its default, its --help text and (test, what the value must be) or None."""
+    meta = {"help": help, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _range(test, what: str) -> Tuple:
+    return (test, what)
+
+
+POSITIVE = _range(lambda v: v > 0, "a positive integer")
+POSITIVE_OR_NULL = _range(lambda v: v is None or v > 0, "a positive integer or null")
+AT_LEAST_0 = _range(lambda v: v >= 0, "0 or more")
+UNIT = _range(lambda v: 0 <= v < 1, "in [0, 1)")
+NAME = _range(lambda v: re.fullmatch(r"[\w.-]+", v) is not None, "a name of letters, digits, '_', '-' or '.'")
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def one_of(*choices) -> Tuple:
+    return _range(lambda v: v in choices, "one of: " + ", ".join(choices))
+
+
+def _numbers(v) -> bool:
+    return all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class EncoderConfig:
+    """the ViT encoder"""
+    name: str = key("mae_vit_tiny_patch4", "any create_model name")
+    img_size: int = key(32, "input resolution in pixels (square)", POSITIVE)
+    patch_size: Optional[int] = key(None, "None: the one in the name", POSITIVE_OR_NULL)
+    embed_dim: Optional[int] = key(None, "None: the named size's width (tiny 192 ... huge 1280)")
+    depth: Optional[int] = key(None, "None: the named size's number of blocks")
+    num_heads: Optional[int] = key(None, "None: the named size's number of heads")
+    in_chans: int = key(3, "image channels; must match len(data.mean)", POSITIVE)
+    pos_embed: str = key("sincos", "sincos (fixed 2-D) | learned (1-D learnable)", one_of("sincos", "learned"))
+
+
+@dataclass
+class _Trained:
+    drop_path_rate: float = key(0.0, "stochastic depth rate of the last block (linear in depth)", UNIT)
+    grad_checkpointing: bool = key(False, "recompute block activations in backward to save memory")
+
+
+@dataclass
+class _Decoder:
+    norm_pix_loss: bool = key(True, "loss on per-patch normalised pixels")
+    decoder_embed_dim: Optional[int] = key(None, "decoder width; None = the paper's 512")
+    decoder_depth: Optional[int] = key(None, "decoder blocks; None = the paper's 8")
+    decoder_num_heads: Optional[int] = key(None, "decoder heads; None = the paper's 16")
+
+
+@dataclass
+class _Head:
+    global_pool: bool = key(True, "True: average of patch tokens + fc_norm; False: the class token")
+    num_classes: Optional[int] = key(None, "None: read from the shard index", POSITIVE_OR_NULL)
+
+
+@dataclass
+class MaeModelConfig(_Decoder, _Trained, EncoderConfig):
+    """the MAE: encoder and decoder"""
+    mask_ratio: float = key(0.75, "fraction of patches hidden from the encoder", _range(lambda v: 0 <= v < 1,
+                                                                                        "in [0, 1), e.g. 0.75"))
+
+
+@dataclass
+class FinetuneModelConfig(_Head, _Trained, EncoderConfig):
+    """the classifier"""
+
+
+@dataclass
+class ProbeModelConfig(_Head, EncoderConfig):
+    """the classifier; its encoder is frozen"""
+
+
+@dataclass
+class ModelConfig(_Head, _Decoder, EncoderConfig):
+    """the model the checkpoint holds (MAE or classifier); its run's config.yaml fills these in"""
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """data"""
+    train: Optional[str] = key(None, "WebDataset URLs, brace-expanded; None = synthetic demo shards (made on first use)")
+    val: Optional[str] = key(None, "WebDataset URLs of the validation split; None = synthetic (or none)")
+    batch_size: int = key(64, "per process", POSITIVE)
+    num_workers: int = key(2, "data-loading worker processes per training process", AT_LEAST_0)
+    mean: List[float] = key([0.485, 0.456, 0.406], "per-channel normalisation mean",
+                            _range(lambda v: len(v) > 0 and _numbers(v), "a non-empty list of numbers"))
+    std: List[float] = key([0.229, 0.224, 0.225], "per-channel normalisation std",
+                           _range(lambda v: len(v) > 0 and _numbers(v) and min(v) > 0, "a list of positive numbers"))
+    interpolation: str = key("bicubic", "resize filter: bicubic | bilinear | nearest | ...", one_of(*INTERPOLATIONS))
+    crop_pct: Optional[float] = key(None, "evaluation resize+center crop; None = 0.875 up to 224 px, 1.0 above",
+                                    _range(lambda v: v is None or 0 < v <= 1, "in (0, 1] or null"))
+    cache_dir: str = key("~/.cache/mae_vit", "where synthetic demo shards are written")
+    synthetic_samples: int = key(2048, "size of the synthetic demo set (train); val is 1/4 of it", POSITIVE)
+    synthetic_classes: int = key(10, "classes of the synthetic demo set", POSITIVE)
+
+
+@dataclass
+class TrainDataConfig(DataConfig):
+    """data"""
+    shuffle_buffer: int = key(1000, "samples held for WebDataset shuffling; 0 = no shuffle", AT_LEAST_0)
+    crop_scale: List[float] = key([0.2, 1.0], "RandomResizedCrop scale", _range(
+        lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two increasing numbers in (0, 1], e.g. [0.2, 1.0]"))
+    hflip: bool = key(True, "random horizontal flips during training")
+
+
+@dataclass
+class AugmentConfig:
+    """fine-tuning augmentation (official MAE fine-tuning recipe)"""
+    randaug_num_ops: int = key(2, "0 disables RandAugment", AT_LEAST_0)
+    randaug_magnitude: int = key(9, "RandAugment strength, 0..30", _range(lambda v: 0 <= v <= 30, "in 0..30"))
+    mixup: float = key(0.8, "Beta(alpha) for MixUp; 0 disables", AT_LEAST_0)
+    cutmix: float = key(1.0, "Beta(alpha) for CutMix; 0 disables", AT_LEAST_0)
+    label_smoothing: float = key(0.1, "weight moved from the true class to all classes", UNIT)
+    reprob: float = key(0.25, "random erasing probability", _range(lambda v: 0 <= v <= 1, "in [0, 1]"))
+
+
+# ---------------------------------------------------------------------------------------- optimizer, run
+
+
+@dataclass
+class OptimConfig:
+    """optimizer and lr schedule"""
+    base_lr: float = key(1.5e-4, "lr = base_lr * effective_batch / 256, unless lr is set", _range(lambda v: v > 0, "positive"))
+    lr: Optional[float] = key(None, "absolute lr, overrides base_lr", _range(lambda v: v is None or v > 0, "positive or null"))
+    min_lr: float = key(0.0, "floor of the cosine schedule", AT_LEAST_0)
+    weight_decay: float = key(0.05, "decoupled weight decay (not applied to biases, norms, tokens)", AT_LEAST_0)
+    clip_grad: Optional[float] = key(None, "max gradient norm; None = off", _range(lambda v: v is None or v > 0, "positive or null"))
+    epochs: int = key(800, "length of the lr schedule", POSITIVE)
+    warmup_epochs: float = key(40, "linear warmup from 0 (may be fractional)", AT_LEAST_0)
+    effective_batch: Optional[int] = key(None, "reached by gradient accumulation; None = batch_size x processes",
+                                         POSITIVE_OR_NULL)
+
+
+@dataclass
+class AdamWConfig(OptimConfig):
+    """AdamW and lr schedule"""
+    betas: List[float] = key([0.9, 0.95], "AdamW betas", _range(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                                                                "two numbers in [0, 1)"))
+
+
+@dataclass
+class FinetuneOptimConfig(AdamWConfig):
+    """AdamW with layer-wise lr decay, and lr schedule"""
+    layer_decay: float = key(0.75, "block i's lr x layer_decay ** (depth + 1 - i); 1.0 = off",
+                             _range(lambda v: 0 < v <= 1, "in (0, 1] (1.0 = off)"))
+
+
+@dataclass
+class LarsConfig(OptimConfig):
+    """LARS (linear probe) and lr schedule"""
+    momentum: float = key(0.9, "LARS momentum", UNIT)
+
+
+@dataclass
+class TrainConfig:
+    """the run"""
+    output_dir: str = key("runs/train", "checkpoints, logs and the resolved config go here")
+    resume: bool = key(True, "continue from the newest good checkpoint in output_dir")
+    overwrite: bool = key(False, "allow starting over in a non-empty output_dir (with resume=false)")
+    seed: int = key(0, "random seed")
+    mixed_precision: str = key("no", "no | fp16 | bf16", one_of("no", "fp16", "bf16"))
+    max_steps: Optional[int] = key(None, "stop after this many optimizer steps (the schedule still spans epochs)",
+                                   POSITIVE_OR_NULL)
+    save_every: int = key(500, "optimizer steps between checkpoints", POSITIVE)
+    keep_last: int = key(3, "checkpoints kept in output_dir", POSITIVE)
+    log_every: int = key(10, "optimizer steps between log lines", POSITIVE)
+
+
+@dataclass
+class PretrainRunConfig(TrainConfig):
+    """the run"""
+    vis_every: int = key(500, "optimizer steps between reconstruction grids", POSITIVE)
+
+
+@dataclass
+class ClassifyRunConfig(TrainConfig):
+    """the run"""
+    eval_every: int = key(1, "epochs between evaluations on data.val", POSITIVE)
+
+
+@dataclass
+class KnnConfig:
+    """kNN classification of frozen features"""
+    k: int = key(20, "neighbours that vote", POSITIVE)
+    temperature: float = key(0.07, "vote weight exp(similarity / temperature)", _range(lambda v: v > 0, "positive"))
+
+
+@dataclass
+class PretrainKnnConfig(KnnConfig):
+    """kNN classification of the encoder's features, on labelled data.train / data.val"""
+    every: int = key(0, "kNN monitor every N epochs when data.val is set; 0 = off", AT_LEAST_0)
+    vs_random: bool = key(True, "at the end: kNN of the encoder vs the same encoder at random init")
+
+
+@dataclass
+class FewShotConfig:
+    """few-shot linear classification of frozen features"""
+    shots: List[int] = key([1, 5, 10, 25], "labelled images per class",
+                           _range(lambda v: len(v) > 0 and min(v) > 0, "a non-empty list of positive integers"))
+    draws: int = key(5, "random draws of the support set per shot count", POSITIVE)
+    l2: float = key(1e-3, "ridge regularisation", AT_LEAST_0)
+
+
+Flags = ClassVar[Dict[str, Tuple[str, str]]]
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def leaf_fields(cls: type, prefix: str = "") -> Iterator[Tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every value of a schema, section by section."""
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type):
+            yield from leaf_fields(f.type, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f
+
+
+def format_value(value: Any) -> str:
+    """A value the way it would be written on the command line: null, true, [0.9, 0.95]."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, str) and value == "":
+        return "''"
+    return str(value)
+
+
+def quote(value: Any) -> str:
+    """Like _format_value, but strings in quotes so that a wrong word stands out in a message."""
+    return repr(value) if isinstance(value, str) else format_value(value)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value that has the right type but makes no sense.
+
+    Each key's own check (allowed choices, ranges) comes from its schema field; then the combinations:
+    len(mean) == len(std) == model.in_chans, warmup_epochs <= epochs.
+    """
+    for path, f in leaf_fields(OmegaConf.get_type(cfg)):
+        value, check = OmegaConf.select(cfg, path), f.metadata.get("check")
+        if check is not None and not check[0](value):
+            raise ConfigError(f"config key '{path}' is {quote(value)}, but it must be {check[1]}.")
+    _check_combinations(cfg)
+
+
+def _check_combinations(cfg: DictConfig) -> None:
+    if "data" in cfg:
+        mean, std = list(cfg.data.mean), list(cfg.data.std)
+        if len(mean) != len(std):
+            raise ConfigError(
+                f"data.mean has {len(mean)} value(s) but data.std has {len(std)}; give one mean and one std per "
+                "image channel, e.g. data.mean=[0.5] data.std=[0.5] for grayscale images."
+            )
+        if "model" in cfg and len(mean) != cfg.model.in_chans:
+            raise ConfigError(
+                f"data.mean and data.std have {len(mean)} value(s) but model.in_chans is {cfg.model.in_chans}; "
+                f"they must match (one mean/std per channel). Set model.in_chans={len(mean)} or give "
+                f"{cfg.model.in_chans} values to data.mean and data.std."
+            )
+    if "optim" in cfg and cfg.optim.warmup_epochs > cfg.optim.epochs:
+        raise ConfigError(
+            f"optim.warmup_epochs ({format_value(cfg.optim.warmup_epochs)}) is longer than optim.epochs "
+            f"({cfg.optim.epochs}); the warmup must fit in the schedule. Lower optim.warmup_epochs or raise "
+            "optim.epochs."
+        )
