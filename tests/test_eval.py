@@ -139,7 +139,6 @@ def _distributed_worker():
         loss = torch.nn.functional.cross_entropy(logits[i], y, reduction="none")
         meter.update(*accelerator.gather_for_metrics((logits[i], y, loss)))
     _assert_same_stats(meter.compute(), want)
-    _assert_same_rows(*extract_features(lambda i: feats[i], loader, accelerator), feats, target)
 
     # (B) rank-sharded loaders of unequal size (5 + 2 samples, then 7 + 0: rank 1 has no batch at all).
     for split in (5, 7):

@@ -23,7 +23,7 @@ from mae_vit.engine.batches import ShardBatches, transform_for
 from mae_vit.engine.classify import BEST_NAME, METRICS_NAME, read_pretrained, resolve_num_classes, soft_target_cross_entropy
 from mae_vit.eval import classifier_metrics
 from mae_vit.engine.finetune import Finetune, build_finetune_model
-from mae_vit.engine.optim import layer_id, set_lr
+from mae_vit.engine.optim import set_lr
 from mae_vit.engine.rundir import RunDir, read_state
 from mae_vit.errors import CheckpointError, ConfigError, DataError
 from mae_vit.layers import resize_pos_embed
@@ -66,7 +66,7 @@ def test_layer_decay_groups_scale_lr_by_depth_and_exempt_weight_decay(shards, tm
     names = dict(model.named_parameters())
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)  # each parameter exactly once
     for name, p in names.items():
-        depth = layer_id(name, 3)
+        depth = model.layer_of(name)
         assert group_of[id(p)]["lr_scale"] == 0.5 ** (3 + 1 - depth), name
         decayed = p.ndim > 1 and name not in ("pos_embed", "cls_token")
         assert group_of[id(p)]["weight_decay"] == (0.05 if decayed else 0.0), name

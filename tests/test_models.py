@@ -172,10 +172,10 @@ def test_drop_path_and_checkpointing_change_nothing_in_eval():
     torch.testing.assert_close(plain.blocks[0].attn.qkv.weight.grad, ck.blocks[0].attn.qkv.weight.grad)
 
 
-def test_encode_whole_image_and_attention_maps():
+def test_whole_image_features_and_attention_maps():
     mae = tiny_mae().eval()
     imgs = torch.randn(2, 3, 16, 16)
-    feats = mae.encode(imgs)
+    feats = mae.forward_features(imgs)  # no masking: every patch
     assert feats.shape == (2, 17, 32)
     tokens, maps = mae.forward_features(imgs, return_attention=True)
     torch.testing.assert_close(tokens, feats, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from mae_vit.engine.optim import LARS, build_optimizer, layer_id, param_groups, set_lr
+from mae_vit.engine.optim import LARS, build_optimizer, param_groups, set_lr
+from mae_vit.models import MaskedAutoencoderViT, VisionTransformer, create_model
 
 
 class TinyBlock(nn.Module):
@@ -15,7 +16,10 @@ class TinyBlock(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """Just the parameter names of a ViT: tokens, patch_embed, blocks.i, norm, head."""
+    """Just the parameter names of a ViT (tokens, patch_embed, blocks.i, norm, head) and its declarations."""
+
+    no_weight_decay = VisionTransformer.no_weight_decay
+    layer_of = VisionTransformer.layer_of
 
     def __init__(self, depth=3, dim=4):
         super().__init__()
@@ -55,16 +59,14 @@ def test_frozen_parameters_are_left_out():
     assert not {"patch_embed.weight", "patch_embed.bias", "cls_token"} & set(names)
 
 
-def test_named_tokens_never_decay_even_nested():
-    model = nn.Module()
-    model.decoder_pos_embed = nn.Parameter(torch.zeros(1, 5, 4))
-    model.mask_token = nn.Parameter(torch.zeros(1, 1, 4))
-    model.encoder = TinyViT(depth=1)
-    model.proj = nn.Linear(4, 4, bias=False)
-    decay, no_decay = names_by_group(model, param_groups(model, 0.1))
-    assert decay == ["encoder.blocks.0.fc.weight", "encoder.head.weight", "encoder.patch_embed.weight",
-                     "proj.weight"]
-    assert {"decoder_pos_embed", "mask_token", "encoder.cls_token", "encoder.pos_embed"} <= set(no_decay)
+def test_the_mae_declares_its_tokens_and_tables_free_of_weight_decay():
+    mae = create_model("mae_vit_tiny_patch4", img_size=16, depth=1, decoder_depth=1, decoder_embed_dim=16,
+                       decoder_num_heads=2)
+    assert isinstance(mae, MaskedAutoencoderViT)
+    assert mae.no_weight_decay() == {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
+    decay, no_decay = names_by_group(mae, param_groups(mae, 0.1))
+    assert "mask_token" in no_decay and "decoder_embed.weight" in decay
+    assert "pos_embed" not in decay + no_decay  # the fixed sin-cos tables are not trained at all
 
 
 @pytest.mark.parametrize(
@@ -82,8 +84,8 @@ def test_named_tokens_never_decay_even_nested():
         ("mask_token", 13),
     ],
 )
-def test_layer_id(name, expected):
-    assert layer_id(name, 12) == expected
+def test_layer_of(name, expected):
+    assert create_model("vit_tiny_patch4", img_size=16, depth=12, num_classes=2).layer_of(name) == expected
 
 
 def test_layer_decay_scales_are_exact():
@@ -105,13 +107,6 @@ def test_layer_decay_scales_are_exact():
         (0.0625, 0.05), (0.0625, 0.0), (0.125, 0.05), (0.125, 0.0), (0.25, 0.05), (0.25, 0.0),
         (0.5, 0.05), (0.5, 0.0), (1.0, 0.05), (1.0, 0.0),
     ]
-
-
-def test_layer_decay_with_explicit_num_layers():
-    model = TinyViT(depth=2)
-    groups = param_groups(model, 0.0, layer_decay=0.75, num_layers=4)
-    assert groups[0]["lr_scale"] == pytest.approx(0.75 ** 5)   # embeddings: id 0
-    assert groups[-1]["lr_scale"] == 1.0                       # head: id 5
 
 
 def test_layer_decay_needs_blocks():

@@ -2,61 +2,37 @@
 
 Groups follow the official MAE recipes: biases, norm weights and the token / position-embedding
 parameters get no weight decay; with layer decay (fine-tuning) each transformer block gets its own
-lr scale, shrinking geometrically from the head down to the patch embedding. Every group carries an
+lr scale, shrinking geometrically from the head down to the patch embedding. Which parameters are
+tokens and which block a parameter belongs to, the model says (`no_weight_decay()`, `layer_of(name)`). Every group carries an
 `lr_scale` that the training loop applies each step: `group["lr"] = lr * group["lr_scale"]`
 (`set_lr` does exactly that).
 """
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "dist_token", "decoder_pos_embed")
+def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0) -> List[Dict]:
+    """Trainable parameters of `model` split into optimizer groups, from what the model declares.
 
-
-def layer_id(name: str, num_layers: int) -> int:
-    """Depth of a ViT parameter for layer decay: 0 for embeddings, i+1 for blocks.i, num_layers+1 above.
-
-    `name` is as given by model.named_parameters() of a model whose transformer blocks are `blocks`.
+    No weight decay for 1-D parameters (biases, norm weights) and for the names in
+    `model.no_weight_decay()` (tokens, position tables; the timm convention). Frozen parameters
+    (requires_grad False) are left out. With layer_decay < 1, parameter `name` gets lr_scale
+    layer_decay ** (len(model.blocks) + 1 - model.layer_of(name)). Returns non-empty groups ordered
+    by depth, decayed before non-decayed, each {"params": [...], "weight_decay": float, "lr_scale": float}.
     """
-    if name in ("cls_token", "pos_embed") or name.split(".")[0] == "patch_embed":
-        return 0
-    parts = name.split(".")
-    if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
-        return int(parts[1]) + 1
-    return num_layers + 1
-
-
-def param_groups(
-    model: nn.Module,
-    weight_decay: float,
-    *,
-    layer_decay: float = 1.0,
-    num_layers: Optional[int] = None,
-    no_decay: Sequence[str] = NO_DECAY_NAMES,
-) -> List[Dict]:
-    """Trainable parameters of `model` split into optimizer groups.
-
-    No weight decay for 1-D parameters (biases, norm weights) and for parameters whose last name
-    component is in `no_decay`. Frozen parameters (requires_grad False) are left out. With
-    layer_decay < 1, a parameter at depth `layer_id(name, num_layers)` gets lr_scale
-    layer_decay ** (num_layers + 1 - id); num_layers defaults to len(model.blocks).
-    Returns non-empty groups ordered by depth, decayed before non-decayed, each
-    {"params": [...], "weight_decay": float, "lr_scale": float}.
-    """
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     use_layers = layer_decay != 1.0
-    if use_layers and num_layers is None:
-        if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
-            raise ValueError("layer decay needs num_layers or a model with a `blocks` ModuleList")
-        num_layers = len(model.blocks)
-
+    if use_layers and not hasattr(model, "layer_of"):
+        raise ValueError("layer decay needs a model that declares layer_of(name) and its blocks (a ViT)")
+    num_layers = len(model.blocks) if use_layers else 0
     groups: Dict[Tuple[int, bool], Dict] = {}  # (depth, decayed?) -> group
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decayed = param.ndim > 1 and name.split(".")[-1] not in no_decay
-        depth = layer_id(name, num_layers) if use_layers else 0
+        decayed = param.ndim > 1 and name not in no_decay
+        depth = model.layer_of(name) if use_layers else 0
         scale = layer_decay ** (num_layers + 1 - depth) if use_layers else 1.0
         group = groups.setdefault(
             (depth, decayed), {"params": [], "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}

@@ -23,15 +23,6 @@ def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"a batch must be (inputs, labels, ...) or a dict, got {type(batch).__name__}")
 
 
-def _prepared_by_accelerate(loader) -> bool:
-    """True for a loader returned by `accelerator.prepare` (whose last batch may hold padding duplicates)."""
-    try:
-        from accelerate.data_loader import DataLoaderStateMixin
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        return False
-    return isinstance(loader, DataLoaderStateMixin)
-
-
 @torch.no_grad()
 def extract_features(
     model_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -39,7 +30,6 @@ def extract_features(
     accelerator=None,
     *,
     device: torch.device | str | None = None,
-    per_batch_gather: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `model_fn` to every batch's inputs; return all features (N, D) float32 and labels (N,) int64, on CPU.
 
@@ -48,15 +38,11 @@ def extract_features(
     only disables autograd. Inputs are moved to `device`, or to `accelerator.device` when an accelerator
     is given and `device` is not.
 
-    With an accelerator every process returns the features of the whole dataset, each sample once:
-    - `per_batch_gather=True` (the default for a loader prepared by `accelerator.prepare`): each batch
-      is gathered with `gather_for_metrics`, which drops the duplicates padding the last uneven batch;
-    - `per_batch_gather=False` (the default otherwise, e.g. mae_vit's rank-sharded `make_loader`):
-      each process keeps its own share and the shares are concatenated once at the end (rank 0's
-      first); shares may differ in size, and a rank may have no batch at all.
+    With an accelerator, `loader` holds this process's share of the data (mae_vit's rank-sharded
+    `make_loader`, not a loader prepared by Accelerate): each process keeps its share and the shares
+    are concatenated once at the end (rank 0's first), so every process returns the features of the
+    whole data set, each sample once; shares may differ in size, and a rank may have no batch at all.
     """
-    if per_batch_gather is None:
-        per_batch_gather = accelerator is not None and _prepared_by_accelerate(loader)
     if device is None and accelerator is not None:
         device = accelerator.device
     feats, labels = [], []
@@ -68,13 +54,11 @@ def extract_features(
         if f.ndim != 2:
             raise ValueError(f"model_fn must return (B, D) features, got shape {tuple(f.shape)}")
         y = torch.as_tensor(y, device=f.device)
-        if accelerator is not None and per_batch_gather:
-            f, y = accelerator.gather_for_metrics((f.contiguous(), y.contiguous()))
         feats.append(f.detach().float().cpu())
         labels.append(y.detach().long().cpu())
     feats_t = torch.cat(feats) if feats else torch.zeros(0, 0)  # (n, D)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)  # (n,)
-    if accelerator is not None and not per_batch_gather:
+    if accelerator is not None:
         feats_t, labels_t = gather_rows(accelerator, feats_t), gather_rows(accelerator, labels_t)
     if feats_t.shape[0] == 0:
         raise DataError(

@@ -52,6 +52,9 @@ class MaskedAutoencoderViT(VisionTransformer):
         nn.init.normal_(self.mask_token, std=0.02)
 
     # ---- pixels <-> patches (official order: patch row, patch column; inside: pixel row, column, channel)
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
+
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, L, P*P*C)."""
         p, (h, w) = self.patch_size, self.grid_size
@@ -127,8 +130,3 @@ class MaskedAutoencoderViT(VisionTransformer):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
-
-    @torch.no_grad()
-    def encode(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Features of the whole image, no masking: (B, C, H, W) -> (B, 1 + N, D)."""
-        return self.forward_features(imgs)

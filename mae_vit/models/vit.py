@@ -73,6 +73,19 @@ class VisionTransformer(nn.Module):
     def grid_size(self) -> tuple[int, int]:
         return self.patch_embed.grid_size
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay besides the 1-D ones (biases, norm weights): tokens and tables."""
+        return {"cls_token", "pos_embed"}
+
+    def layer_of(self, name: str) -> int:
+        """Depth of parameter `name` for layer-wise lr decay (fine-tuning): 0 for the embeddings, i + 1 for
+        blocks.i, len(blocks) + 1 for everything above them (final norm, head, an MAE's decoder)."""
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
     def init_weights(self) -> None:
         """The official MAE initialisation (also used for the classifier built from scratch)."""
         if self.pos_embed_type == "sincos":
