@@ -327,44 +327,25 @@ class ShardLoader(DataLoader):
             log.warning("this rank got no batch this epoch; %d samples and %d shards were skipped", *pending)
 
 
-def make_loader(
-    urls: str | list[str],
-    *,
-    transform: Callable | None = None,
-    batch_size: int,
-    num_workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle: bool = True,
-    shuffle_buffer: int = 1000,
-    with_labels: bool = True,
-    in_chans: int = 3,
-    drop_last: bool = True,
-    pin_memory: bool = False,
-    skip_batches: int = 0,
-) -> ShardLoader:
-    """A `ShardLoader` over this rank's share, yielding batch dicts (see module doc).
+def make_loader(urls: str | list[str], *, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+                **dataset_options) -> ShardLoader:
+    """A `ShardLoader` over this rank's share of one epoch, yielding batch dicts (see module doc).
 
-    Batches never mix workers (each worker batches its own samples, as any DataLoader over an
-    IterableDataset does), so with drop_last each worker drops its own last partial batch: use
-    `steps_per_epoch` for the number of full batches every rank delivers. Per epoch:
-    `loader.set_epoch(e)`, then iterate. Augmentation randomness in the workers is seeded from
-    (seed, epoch, rank) through the DataLoader's generator. The loader already holds only this rank's
+    `dataset_options` go to `ShardDataset` (transform, in_chans, rank, world_size, seed, epoch, shuffle,
+    shuffle_buffer, with_labels, skip_batches, drop_last). Batches never mix workers (each worker
+    batches its own samples, as any DataLoader over an IterableDataset does), so with drop_last each
+    worker drops its own last partial batch: `rank_batch_counts` says how many full batches each rank
+    delivers. Augmentation randomness in the workers is seeded from (seed, epoch, rank) through the
+    DataLoader's generator. The loader already holds only this rank's
     share: do not wrap it in a DistributedSampler or `accelerator.prepare` (that would split it again).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
-    dataset = ShardDataset(
-        urls, transform=transform, in_chans=in_chans, rank=rank, world_size=world_size, seed=seed,
-        epoch=epoch, shuffle=shuffle, shuffle_buffer=shuffle_buffer, with_labels=with_labels,
-        skip_batches=skip_batches, batch_size=batch_size, drop_last=drop_last,
-    )
+    dataset = ShardDataset(urls, batch_size=batch_size, **dataset_options)
     generator = torch.Generator()
-    generator.manual_seed((seed * 1_000_003 + epoch) * 1_009 + rank)
+    generator.manual_seed((dataset.seed * 1_000_003 + dataset.epoch) * 1_009 + dataset.rank)
     return ShardLoader(
         dataset,
         batch_size=None,  # the dataset batches (per worker, as a DataLoader would) to carry the skip counts

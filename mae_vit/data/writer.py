@@ -258,36 +258,16 @@ def _commit(shards, output_dir: Path, prefix: str, overwrite: bool, class_counts
     return index
 
 
-def make_shards(
-    source: str,
-    output_dir: str | Path,
-    *,
-    split: str = "train",
-    samples_per_shard: int = 1000,
-    max_shard_bytes: int | float = 100_000_000,
-    overwrite: bool = False,
-    prefix: str = "shard",
-    num_samples: int = 2048,
-    num_classes: int = 10,
-    img_size: int = 32,
-    seed: int = 0,
-    progress: bool = True,
-) -> tuple[dict, str]:
-    """Write the shards of `source` (see `mae_vit.data.sources`); returns (index, brace URL spec of the shards)."""
+def make_shards(source: str, output_dir: str | Path, *, split: str = "train", num_samples: int = 2048,
+                num_classes: int = 10, img_size: int = 32, seed: int = 0, **write_options) -> tuple[dict, str]:
+    """Write the shards of `source` (see `mae_vit.data.sources`); returns (index, brace URL spec of the shards).
+
+    `write_options` go to `write_shards` (prefix, samples_per_shard, max_shard_bytes, overwrite, progress).
+    """
     resolved = open_source(
         source, split=split, num_samples=num_samples, num_classes=num_classes, img_size=img_size, seed=seed
     )
     log.info("writing %s to %s", resolved.description, output_dir)
-    index = write_shards(
-        resolved.samples,
-        output_dir,
-        prefix=prefix,
-        samples_per_shard=samples_per_shard,
-        max_shard_bytes=max_shard_bytes,
-        overwrite=overwrite,
-        progress=progress,
-        num_classes=resolved.num_classes,
-        class_names=resolved.class_names,
-        total=resolved.total,
-    )
-    return index, shard_urls(output_dir, prefix, len(index["shards"]))
+    index = write_shards(resolved.samples, output_dir, num_classes=resolved.num_classes,
+                         class_names=resolved.class_names, total=resolved.total, **write_options)
+    return index, shard_urls(output_dir, write_options.get("prefix", "shard"), len(index["shards"]))

@@ -64,25 +64,15 @@ def knn_classify(
     return scores
 
 
-def knn_accuracy(
-    train_feats: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_feats: torch.Tensor,
-    test_labels: torch.Tensor,
-    *,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> float:
-    """Top-1 accuracy (%) of `knn_classify` on labelled test features (ties go to the lower class index)."""
+def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, **options) -> float:
+    """Top-1 accuracy (%) of `knn_classify` (`options`: num_classes, k, temperature, chunk) on labelled test
+    features; ties go to the lower class index."""
     if test_labels.shape != test_feats.shape[:1]:
         raise ValueError(f"test_labels must have shape ({test_feats.shape[0]},), got {tuple(test_labels.shape)}")
     if test_feats.shape[0] == 0:
         raise DataError("kNN evaluation got no test features; the evaluation split is empty.")
-    check_label_range(test_labels, num_classes, "kNN test")
-    scores = knn_classify(
-        train_feats, train_labels, test_feats, num_classes=num_classes, k=k, temperature=temperature, chunk=chunk
-    )
+    check_label_range(test_labels, options["num_classes"], "kNN test")
+    scores = knn_classify(train_feats, train_labels, test_feats, **options)
     pred = scores.argmax(dim=1)
     return 100.0 * float((pred == test_labels.to(pred.device)).float().mean().item())

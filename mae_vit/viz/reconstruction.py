@@ -106,22 +106,14 @@ def reconstruction_panels(
     }
 
 
-def reconstruction_grid(
-    model,
-    imgs: torch.Tensor,
-    *,
-    mask_ratio: float,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    noise: torch.Tensor | None = None,
-    padding: int = 2,
-) -> torch.Tensor:
+def reconstruction_grid(model, imgs: torch.Tensor, *, padding: int = 2, **panel_options) -> torch.Tensor:
     """One row per image: original | masked | reconstruction | reconstruction + visible, as a (3, H', W') image.
 
     Float in [0, 1] (what TensorBoard's `add_image` and `save_png` take); white `padding` pixels
     around every tile, so H' = B * (H + padding) + padding and W' = 4 * (W + padding) + padding.
-    See `reconstruction_panels` for the panels and `reconstruction_caption` for a label.
+    `panel_options` (mask_ratio, mean, std, noise) go to `reconstruction_panels`; `reconstruction_caption`
+    gives a label.
     """
-    panels = reconstruction_panels(model, imgs, mask_ratio=mask_ratio, mean=mean, std=std, noise=noise)
+    panels = reconstruction_panels(model, imgs, **panel_options)
     tiles = torch.stack([panels[name] for name in PANELS], dim=1)  # (B, 4, 3, H, W)
     return make_grid(tiles.flatten(0, 1), nrow=len(PANELS), padding=padding, pad_value=1.0)
