@@ -11,12 +11,15 @@ FLAGS maps a tool's shorthand flags to (dotted key, metavar).
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from mae_vit.cli import format_help, parse_config, save_config  # noqa: F401  (the public way in)
+from mae_vit.cli import format_help, parse_config, save_config
 from mae_vit.schema import (AT_LEAST_0, NAME, POSITIVE, POSITIVE_OR_NULL, UNIT, AdamWConfig, AugmentConfig,
                             ClassifyRunConfig, DataConfig, FewShotConfig, FinetuneModelConfig, FinetuneOptimConfig,
                             Flags, KnnConfig, LarsConfig, MaeModelConfig, ModelConfig, PretrainKnnConfig,
                             PretrainRunConfig, ProbeModelConfig, TrainDataConfig, _range, key, one_of,
-                            validate_config)  # noqa: F401
+                            validate_config)
+
+__all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "FinetuneConfig", "LinprobeConfig", "MakeShardsConfig",
+           "PretrainConfig", "VisualizeConfig", "format_help", "parse_config", "save_config", "validate_config"]
 
 _TRAIN_FLAGS = {"--output-dir": ("train.output_dir", "DIR"), "--data": ("data.train", "URLS")}
 _TOOL_FLAGS = {"--output-dir": ("output_dir", "DIR"), "--data": ("data.train", "URLS"),

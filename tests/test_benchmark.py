@@ -11,6 +11,7 @@ from torch.utils import flop_counter as torch_flop_counter
 
 from mae_vit.cli import run_tool
 from mae_vit.engine import benchmark as bench
+from mae_vit.engine import flops
 from mae_vit.errors import ConfigError
 
 # a small decoder keeps the tests fast; the encoder is the real tiny ViT (192 wide, 12 blocks, 3 heads)
@@ -94,7 +95,7 @@ def test_cpu_attention_is_counted_like_torchs_gpu_kernels():
     q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
     for t in (q, k, v):
         t.requires_grad_(True)
-    with bench.flop_counter() as counter:  # the fused CPU kernel, which torch's own table leaves out
+    with flops.flop_counter() as counter:  # the fused CPU kernel, which torch's own table leaves out
         F.scaled_dot_product_attention(q, k, v).sum().backward()
     q_, kv_ = (2, 3, 10, 8), (2, 3, 6, 8)
     expected = torch_flop_counter.sdpa_flop_count(q_, kv_, kv_) + \
@@ -104,7 +105,7 @@ def test_cpu_attention_is_counted_like_torchs_gpu_kernels():
     v_, out_ = (2, 3, 6, 4), (2, 3, 10, 4)
     forward = torch_flop_counter.sdpa_flop_count(q_, kv_, v_)
     backward = torch_flop_counter.sdpa_backward_flop_count(out_, q_, kv_, v_)
-    assert bench._attention_flops(q_, kv_, v_) == (forward, backward)
+    assert flops._attention_flops(q_, kv_, v_) == (forward, backward)
 
 
 def test_bf16_autocast_on_cpu_counts_the_same_flops():

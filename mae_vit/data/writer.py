@@ -22,7 +22,6 @@ ones are deleted, so that the folder holds exactly the new data set.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re

@@ -7,36 +7,28 @@ every step. After `warmup` untimed steps (which also absorb torch.compile's comp
 `steps` steps is timed on its own, with a CUDA synchronize on both sides on GPU; the median is
 reported, so that one slow step (a page fault, a busy neighbour process) does not move the number.
 
-FLOPs come from `torch.utils.flop_counter.FlopCounterMode` over one forward + backward step of the
-eager model. It counts only matrix multiplies, convolutions and scaled-dot-product attention, the
-operations that dominate a ViT; element-wise ops, norms, softmax, the loss and the optimizer count
-zero. One multiply-add is 2 FLOPs. The fused attention kernels recompute Q K^T in backward and torch
-counts that recomputation (5 batched matmuls in backward against 2 in forward). torch's table has no
-entry for the CPU flash-attention op, so one is added here with the same formula, which makes the
-count identical on CPU and GPU.
+FLOPs are counted by `flops.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, List, Optional, Tuple
+from typing import Callable, ContextManager, List, Optional
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from mae_vit import files
+from mae_vit.engine.flops import FLOP_NOTE, count_flops
 from mae_vit.engine.optim import build_optimizer, param_groups
 from mae_vit.errors import ConfigError
 from mae_vit.models import MaskedAutoencoderViT, create_model
 
-FLOP_NOTE = "FlopCounterMode: matmul/conv/sdpa only, forward+backward, 1 multiply-add = 2 FLOPs"
 WEIGHT_DECAY = 0.05  # the MAE pretraining recipe; decides the parameter groups
 LR, BETAS = 1.5e-4, (0.9, 0.95)  # the value of lr does not change the speed of a step
 
@@ -133,69 +125,6 @@ def build_mae(name: str, img_size: int, **options) -> MaskedAutoencoderViT:
     except ValueError as e:  # e.g. an image size the patch size does not divide
         raise ConfigError(f"cannot build {name} at {img_size} px: {e}") from None
     return model
-
-
-# ---------------------------------------------------------------------------------------------- FLOPs
-
-
-def _attention_flops(q_shape, k_shape, v_shape) -> Tuple[int, int]:
-    """(forward, backward) FLOPs of softmax(Q K^T) V with q (B, H, Sq, D), k (B, H, Sk, D), v (B, H, Sk, Dv).
-
-    Forward: S = Q K^T and P V. Backward (flash style): S again, dQ = dS K and dK = dS^T Q (each the
-    size of Q K^T), dP = dO V^T and dV = P^T dO (each the size of P V). The same formulas torch uses
-    for its CUDA attention kernels.
-    """
-    b, h, sq, d = q_shape
-    sk, dv = k_shape[-2], v_shape[-1]
-    qk, pv = 2 * b * h * sq * sk * d, 2 * b * h * sq * sk * dv
-    return qk + pv, 3 * qk + 2 * pv
-
-
-def _cpu_attention_forward(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return _attention_flops(q_shape, k_shape, v_shape)[0]
-
-
-def _cpu_attention_backward(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return _attention_flops(q_shape, k_shape, v_shape)[1]
-
-
-_CPU_ATTENTION = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_forward,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
-}
-
-
-def flop_counter() -> FlopCounterMode:
-    """A silent FlopCounterMode that also counts the CPU flash-attention kernel."""
-    return FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
-
-
-def count_flops(
-    model: MaskedAutoencoderViT,
-    imgs: torch.Tensor,
-    mask_ratio: float,
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-) -> Tuple[int, int, int]:
-    """FLOPs of the whole batch: (train step forward + backward, forward, encoder forward).
-
-    Runs one counted forward + backward (gradients are cleared afterwards, weights are not changed)
-    and two counted no-grad forwards. The number of kept patches is fixed by mask_ratio, so the
-    counts do not depend on the random mask.
-    """
-    with flop_counter() as counter:
-        with autocast():
-            loss = model(imgs, mask_ratio=mask_ratio)[0]
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    train = counter.get_total_flops()
-    with torch.no_grad(), autocast():
-        with flop_counter() as counter:
-            model(imgs, mask_ratio=mask_ratio)
-        forward = counter.get_total_flops()
-        with flop_counter() as counter:
-            model.forward_encoder(imgs, mask_ratio)
-        encoder = counter.get_total_flops()
-    return train, forward, encoder
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import read_file, to_state_dict
-from ..data import eval_transform, make_loader, rank_batch_counts, read_index
+from ..data import make_loader, rank_batch_counts, read_index
 from ..errors import CheckpointError, ConfigError, DataError
 from ..eval import classifier_metrics, extract_features, fewshot_linear, knn_accuracy
 from ..files import write_json
+from .batches import transform_for
 from .build import make_accelerator, model_config_from_run, model_from_weights, resolve_data
 from .monitor import setup_logging
 
@@ -70,27 +71,14 @@ def evaluate(cfg: DictConfig, *, user_keys: Collection[str] = ()) -> dict:
     m, d = cfg.model, cfg.data
     model, report = model_from_weights(m, state_dict, source=cfg.checkpoint, num_classes=index_classes)
     model.to(accelerator.device)
-    is_mae = m.name.startswith("mae_")
     metrics = list(dict.fromkeys(cfg.metrics))  # keep the order, drop repeats
     results: dict = {"tool": TOOL_MARK, "checkpoint": str(cfg.checkpoint), "model": OmegaConf.to_container(m),
                      "data": {"train": train_urls, "val": val_urls}, "load_report": str(report),
                      "metrics": {}, "skipped": {}}
-    if "top1" in metrics:
-        if is_mae:
-            if "metrics" in user_keys:
-                raise ConfigError(
-                    f"metrics includes top1, but {cfg.checkpoint} is an MAE ({m.name}) without a classifier head. "
-                    "Fine-tune or linear-probe it first (tools/finetune.py, tools/linprobe.py), or evaluate its "
-                    "features with metrics=[knn,fewshot]."
-                )
-            results["skipped"]["top1"] = "an MAE checkpoint has no classifier head (fine-tune or linear-probe it first)"
-            log.info("top1 skipped: %s", results["skipped"]["top1"])
-            metrics.remove("top1")
-        else:
-            check_head_loaded(report, cfg.checkpoint)
+    if "top1" in metrics and not top1_applies(cfg, report, results, asked="metrics" in user_keys):
+        metrics.remove("top1")
 
-    tf = eval_transform(m.img_size, in_chans=m.in_chans, mean=list(d.mean), std=list(d.std), crop_pct=d.crop_pct,
-                        interpolation=d.interpolation)
+    tf = transform_for(cfg, "eval")
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def loader(urls: str):
@@ -128,6 +116,23 @@ def evaluate(cfg: DictConfig, *, user_keys: Collection[str] = ()) -> dict:
         print(f"metrics written to {out_dir / METRICS_FILE}")
     accelerator.wait_for_everyone()
     return results
+
+
+def top1_applies(cfg: DictConfig, report, results: dict, *, asked: bool) -> bool:
+    """Whether top-1 can be measured: a classifier with its trained head. An MAE has no head: top-1 is
+    skipped (and noted in `results`), or refused when the user `asked` for it by name."""
+    if not cfg.model.name.startswith("mae_"):
+        check_head_loaded(report, cfg.checkpoint)
+        return True
+    if asked:
+        raise ConfigError(
+            f"metrics includes top1, but {cfg.checkpoint} is an MAE ({cfg.model.name}) without a classifier head. "
+            "Fine-tune or linear-probe it first (tools/finetune.py, tools/linprobe.py), or evaluate its "
+            "features with metrics=[knn,fewshot]."
+        )
+    results["skipped"]["top1"] = "an MAE checkpoint has no classifier head (fine-tune or linear-probe it first)"
+    log.info("top1 skipped: %s", results["skipped"]["top1"])
+    return False
 
 
 def check_output_dir(out_dir: Path) -> None:
