@@ -22,7 +22,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mae_vit.errors import ConfigError, NonFiniteLossError, UserError
+from mae_vit.errors import EXIT_STOPPED, ConfigError, NonFiniteLossError, StoppedBySignal, UserError
 from mae_vit.files import write_text
 from mae_vit.paths import expand_path, resolve_paths
 from mae_vit.schema import format_value, leaf_fields, quote, validate_config
@@ -310,8 +310,10 @@ def run_tool(main_fn: Callable[[List[str]], Any], argv: Optional[List[str]] = No
 
     A `mae_vit.errors.UserError` (bad config, data path, checkpoint) is printed to stderr as one
     paragraph, `error: <message>` wrapped to 100 columns, and the process exits with status 2.
-    A `NonFiniteLossError` (training diverged) is printed the same way with exit status 1.
-    Ctrl-C exits with status 130 after a short note. Other exceptions are bugs: they propagate with
+    A `NonFiniteLossError` (training diverged) is printed the same way with exit status 1. A run
+    stopped by SIGTERM / SIGUSR1 (`StoppedBySignal`, after saving a checkpoint) exits with status 75, so
+    that `pretrain && finetune` does not go on and schedulers see an unfinished job; Ctrl-C exits with
+    status 130 after a short note. Other exceptions are bugs: they propagate with
     their traceback.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -325,6 +327,9 @@ def run_tool(main_fn: Callable[[List[str]], Any], argv: Optional[List[str]] = No
     except NonFiniteLossError as e:  # a training failure, not a bug: say what happened, exit 1
         print(textwrap.fill(f"error: {e}", width=100, break_on_hyphens=False), file=sys.stderr)
         sys.exit(1)
+    except StoppedBySignal as e:
+        print(textwrap.fill(f"stopped: {e}", width=100, break_on_hyphens=False), file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); the last saved checkpoint is kept.", file=sys.stderr)
         sys.exit(130)

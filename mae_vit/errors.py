@@ -24,3 +24,10 @@ class CheckpointError(UserError):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the last good checkpoint is left untouched."""
+
+
+class StoppedBySignal(Exception):
+    """SIGTERM / SIGUSR1 stopped training after a checkpoint was saved: re-run to resume (exit status 75)."""
+
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: a temporary failure, the same command resumes

@@ -18,7 +18,7 @@ from mae_vit.engine.monitor import StopSignal
 from mae_vit.engine.pretrain import pretrain
 from mae_vit.engine.rundir import RunDir, read_state
 from mae_vit.engine.schedule import lr_at
-from mae_vit.errors import ConfigError
+from mae_vit.errors import ConfigError, StoppedBySignal
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.num_workers=0",
@@ -56,8 +56,8 @@ def test_a_stop_at_an_epochs_last_step_resumes_the_classifier_with_exactly_the_p
     argv = ["--output-dir", str(out), "--data", shards[0], f"data.val={shards[1]}", *MODEL,
             "model.name=vit_tiny_patch4", "data.batch_size=16", "optim.epochs=2", "optim.warmup_epochs=0"]
     stop_at_call(monkeypatch, 4)  # 64 / 16 = 4 steps per epoch: the stop comes at epoch 1's last step
-    first = finetune(parse_config(FinetuneConfig, argv))
-    assert first["stopped"] and first["step"] == 4
+    with pytest.raises(StoppedBySignal, match="checkpoint at step 4"):
+        finetune(parse_config(FinetuneConfig, argv))
     assert read_state(RunDir(out).latest()).samples_seen == 64  # epoch 1 done, evaluated, nothing of epoch 2
     monkeypatch.undo()
     second = finetune(parse_config(FinetuneConfig, argv))
@@ -72,7 +72,8 @@ def test_a_stop_at_an_epochs_last_step_resumes_pretraining_with_exactly_the_plan
     out = tmp_path / "run"
     argv = ["--output-dir", str(out), "--data", shards[0], *MAE, "data.batch_size=16", "optim.epochs=3"]
     stop_at_call(monkeypatch, 8)
-    assert pretrain(parse_config(PretrainConfig, argv))["step"] == 8
+    with pytest.raises(StoppedBySignal, match="checkpoint at step 8"):
+        pretrain(parse_config(PretrainConfig, argv))
     monkeypatch.undo()
     summary = pretrain(parse_config(PretrainConfig, argv))
     assert RAN_OUT not in capsys.readouterr().err

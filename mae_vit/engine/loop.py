@@ -8,6 +8,7 @@ the same number of samples (`Plan`, `step_batches`). Per step, in order:
     lr -> accum micro-batches (no gradient all-reduce but on the last) -> clip -> optimizer step
        -> log (every train.log_every) -> task.after_step (epoch-end evaluation, pictures)
        -> checkpoint (every train.save_every, and after an evaluation) -> stop on SIGTERM / SIGUSR1
+          (after a checkpoint; `StoppedBySignal`, exit status 75: re-run to resume)
 
 The loop never syncs the host per step: loss sums and the non-finite check stay on the device until
 a logging step (`monitor.py`). Checkpoints and the start-or-resume decision are `rundir.py`.
@@ -23,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from ..errors import StoppedBySignal
 from .batches import step_batches
 from .build import make_accelerator
 from .monitor import NonFiniteGuard, StopSignal, TrainMeter, setup_logging
@@ -31,6 +33,9 @@ from .rundir import RunDir, TrainState, read_state, save_checkpoint
 from .schedule import Plan, make_plan
 
 log = logging.getLogger("mae_vit")
+# With several processes, agreeing to stop is a collective: every few steps, not every step. Launchers and
+# schedulers kill about 30 s after SIGTERM; a single process checks its own flag every step.
+STOP_CHECK_EVERY = 5
 
 
 class Task:
@@ -88,10 +93,13 @@ def train(cfg: DictConfig, task: Task) -> dict:
                      samples_seen=state.samples_seen, batches_per_epoch=lambda: data.batches_per_epoch(0))
     _start(cfg, plan, state, accelerator, resume_from, run)
     loop = Loop(cfg, task, accelerator, model, optimizer, plan, state, run, last_ckpt=resume_from)
-    stopped = loop.run(data)
-    if not stopped and loop.saved_step != state.step:
+    if loop.run(data):
+        accelerator.end_training()
+        raise StoppedBySignal(f"a stop signal (SIGTERM / SIGUSR1) arrived; the run saved its checkpoint at step "
+                              f"{state.step} ({loop.last_ckpt}). Run the same command again to resume.")
+    if loop.saved_step != state.step:
         loop.save()
-    summary = {"stopped": True, "step": state.step} if stopped else task.finish(state)
+    summary = task.finish(state)
     accelerator.end_training()
     return {**summary, "checkpoint": str(loop.last_ckpt), "resumed_from": resume_from and str(resume_from)}
 
@@ -162,7 +170,7 @@ class Loop:
                                                  last=step == plan.last_step)
                 if step % t.save_every == 0 or evaluated:
                     self.save()
-                if (a.num_processes == 1 or step % t.log_every == 0) and stop.agreed(a):
+                if (a.num_processes == 1 or step % STOP_CHECK_EVERY == 0 or step % t.log_every == 0) and stop.agreed(a):
                     log.info("stop signal received: saving a checkpoint at step %d and stopping", step)
                     if self.saved_step != step:
                         self.save()

@@ -7,9 +7,16 @@ Layout (`train.output_dir`):
     logs/                       TensorBoard event files
     model.safetensors           the exported weights (official key names), written at the end
 
-A checkpoint is written to `checkpoints/.tmp-step_N`, completed with a `COMPLETE` marker and only then
-renamed to `step_N`; resume only looks at complete `step_*` folders, so a checkpoint that was being
-written when the process died is never taken for a good one. The last `keep_last` are kept.
+What survives a kill at any moment:
+- a checkpoint is written to `checkpoints/.tmp-step_N`, its files fsynced, then `COMPLETE` lists every
+  file with its size, and only then the folder is renamed to `step_N`. A folder counts as complete
+  only when every listed file is there with its size, so a half-written or half-deleted checkpoint is
+  never resumed: the run falls back to the newest one that is whole.
+- re-saving a step already on disk first moves the old folder to `.old-step_N`; whichever of the two
+  is complete when a run starts is kept (a finished `.tmp-` is promoted the same way).
+- pruning removes a folder's `COMPLETE` first; a start deletes such left-overs.
+- a fresh start never runs over a folder that holds results without a checkpoint (exported weights,
+  metrics), and `train.overwrite=true` deletes only the files this project writes there.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import save_config
 from ..errors import CheckpointError, ConfigError
-from ..files import write_json, write_text
+from ..files import fsync_dir, write_json
 
 log = logging.getLogger("mae_vit")
 
@@ -92,7 +99,7 @@ class RunDir:
         found = []
         for p in self.checkpoints.iterdir():
             m = _STEP_DIR.match(p.name)
-            if m and p.is_dir() and (p / COMPLETE).is_file() and (p / STATE_FILE).is_file():
+            if m and is_complete(p):
                 found.append((int(m.group(1)), p))
         return [p for _, p in sorted(found)]
 
@@ -100,39 +107,67 @@ class RunDir:
         ckpts = self.complete_checkpoints()
         return ckpts[-1] if ckpts else None
 
-    def has_results(self) -> bool:
-        """Anything worth keeping: a complete checkpoint or exported weights."""
-        return self.latest() is not None or (self.path / "model.safetensors").exists()
+    def results(self) -> list[Path]:
+        """What a finished run leaves besides checkpoints: exported weights, metrics, best weights."""
+        return [self.path / n for n in ("model.safetensors", *self.outputs) if (self.path / n).exists()]
 
     def prepare(self, cfg: DictConfig, *, is_main: bool) -> Path | None:
         """Decide between a fresh start and a resume; returns the checkpoint to resume from (or None).
 
         - train.resume and a complete checkpoint: resume from the newest one, if `cfg` fits its weights.
-        - not train.resume and the directory holds results: refuse unless train.overwrite (then the old
-          checkpoints, logs and outputs are deleted: the user asked for it by name).
-        - otherwise: a fresh start (left-over half-written checkpoints are removed).
+        - otherwise, if the directory holds results (checkpoints, exported weights, metrics): refuse unless
+          train.overwrite=true, which deletes the files this project wrote there (and nothing else).
+        - otherwise: a fresh start.
         """
         t = cfg.train
-        if is_main and self.checkpoints.is_dir():  # half-written checkpoints of a crashed run
-            for p in self.checkpoints.glob(".tmp-*"):
-                shutil.rmtree(p, ignore_errors=True)
+        if is_main:
+            self.recover()
         latest = self.latest()
         if latest is not None and t.resume:
             self.check_resumable(cfg)
             return latest
-        if self.has_results() and not t.resume:
-            if not t.overwrite:
-                raise ConfigError(
-                    f"the output directory {self.path} already holds a run (checkpoints or exported weights), and "
-                    "train.resume=false asks to start over. Nothing was changed. Re-run without train.resume=false to "
-                    "continue it, choose another --output-dir, or add train.overwrite=true to delete that run and start over."
-                )
-            if is_main:
-                for sub in (self.checkpoints, self.logs):
-                    shutil.rmtree(sub, ignore_errors=True)
-                for name in ("model.safetensors", "config.yaml", *self.outputs):
-                    (self.path / name).unlink(missing_ok=True)
+        found = ([latest] if latest else []) + self.results()
+        if found and not t.overwrite:
+            why = ("train.resume=false asks to start over" if latest else
+                   "it has no checkpoint to resume, so this command would start over and replace them")
+            raise ConfigError(
+                f"the output directory {self.path} already holds results ({', '.join(p.name for p in found[:3])}), "
+                f"and {why}. Nothing was changed. Choose another --output-dir, re-run without train.resume=false "
+                "to continue a run, or add train.resume=false train.overwrite=true to delete that run's files and "
+                "start over.")
+        if found and is_main:
+            self.delete_run_files()
         return None
+
+    def recover(self) -> None:
+        """After a kill: keep whichever copy of each step is complete, drop half-written and half-pruned folders."""
+        if not self.checkpoints.is_dir():
+            return
+        for p in sorted(self.checkpoints.iterdir(), key=lambda q: not q.name.startswith(".tmp-")):  # newest copy first
+            kind, _, step = p.name.partition("step_")
+            final = self.checkpoints / f"step_{step}"
+            if kind in (".tmp-", ".old-") and p.is_dir():
+                if is_complete(p) and not is_complete(final):  # the newer copy of this step was not finished
+                    shutil.rmtree(final, ignore_errors=True)
+                    os.replace(p, final)
+                    log.info("kept %s as %s (a save or re-save of that step was interrupted)", p.name, final.name)
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+            elif kind == "" and _STEP_DIR.match(p.name) and p.is_dir() and not (p / COMPLETE).exists():
+                shutil.rmtree(p, ignore_errors=True)  # a prune that was interrupted
+            elif _STEP_DIR.match(p.name) and not is_complete(p):
+                log.warning("checkpoint %s is damaged (files missing or truncated); it is ignored", p)
+
+    def delete_run_files(self) -> None:
+        """`train.overwrite=true`: delete the checkpoints, event files, pictures and outputs this project wrote."""
+        for p in [*self.checkpoints.glob("step_*"), *self.checkpoints.glob(".tmp-step_*"),
+                  *self.checkpoints.glob(".old-step_*")]:
+            shutil.rmtree(p, ignore_errors=True)
+        for p in [*self.logs.rglob("events.out.tfevents.*"), *(self.path / "reconstructions").glob("step_*.png")]:
+            p.unlink(missing_ok=True)
+        for name in ("model.safetensors", "config.yaml", *self.outputs):
+            (self.path / name).unlink(missing_ok=True)
+        log.info("train.overwrite=true: deleted the earlier run's files in %s", self.path)
 
     def check_resumable(self, cfg: DictConfig) -> None:
         """Refuse a resume whose config changes the weights' shapes; log every other change."""
@@ -173,6 +208,15 @@ def _text(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def is_complete(folder: Path) -> bool:
+    """A checkpoint whose `COMPLETE` manifest lists files that are all there with their sizes."""
+    try:
+        manifest = json.loads((folder / COMPLETE).read_text())
+        return all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def save_checkpoint(accelerator, run: RunDir, state: TrainState, keep_last: int) -> Path:
     """Atomically write a checkpoint of the prepared objects plus `state`; keep the last `keep_last`.
 
@@ -188,15 +232,21 @@ def save_checkpoint(accelerator, run: RunDir, state: TrainState, keep_last: int)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, asdict(state))
-        for p in tmp.iterdir():  # Accelerate's files reach the disk before the marker says "complete"
+        files = {}
+        for p in sorted(tmp.rglob("*")):  # Accelerate's files reach the disk before the manifest says "complete"
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-        write_text(tmp / COMPLETE, f"step {state.step} saved {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        if final.exists():  # the same step saved twice (e.g. a final save right after a periodic one)
-            shutil.rmtree(final)
+                files[str(p.relative_to(tmp))] = p.stat().st_size
+        write_json(tmp / COMPLETE, {"step": state.step, "saved": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files})
+        old = run.checkpoints / f".old-step_{state.step:07d}"
+        if final.exists():  # the same step saved again: the old copy stays whole until the new one is in place
+            os.replace(final, old)
         os.replace(tmp, final)
-        for old in run.complete_checkpoints()[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(run.checkpoints)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in run.complete_checkpoints()[:-keep_last]:
+            (stale / COMPLETE).unlink()  # first: a prune cut short leaves an incomplete folder, never a "complete" one
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -1,0 +1,118 @@
+"""The run directory: no kill, re-save, prune or shared folder loses a good checkpoint or someone's files."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mae_vit.config import PretrainConfig, parse_config
+from mae_vit.engine import rundir
+from mae_vit.engine.rundir import COMPLETE, RunDir, TrainState, read_state, save_checkpoint
+from mae_vit.errors import ConfigError
+
+
+class FakeAccelerator:
+    """What save_checkpoint asks of Accelerate: one process that writes a weights file."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, folder, safe_serialization=True):
+        (Path(folder) / "model.safetensors").write_bytes(b"w" * 100)
+        (Path(folder) / "optimizer.bin").write_bytes(b"o" * 50)
+
+
+def save(run, step, keep_last=3):
+    return save_checkpoint(FakeAccelerator(), run, TrainState(step=step, samples_seen=16 * step), keep_last)
+
+
+def cfg(out, *extra):
+    return parse_config(PretrainConfig, ["--output-dir", str(out), *extra])
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at_rename_into(monkeypatch, target_name):
+    """Simulate a kill at the moment a folder would be renamed to `target_name`."""
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == target_name:
+            raise Killed(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(rundir.os, "replace", replace)
+
+
+def test_a_kill_while_re_saving_a_step_on_disk_keeps_that_step(tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+    save(run, 8, keep_last=1)
+    kill_at_rename_into(monkeypatch, "step_0000008")  # the old copy is moved aside, the new one not yet in place
+    with pytest.raises(Killed):
+        save(run, 8, keep_last=1)
+    monkeypatch.undo()
+    assert run.latest() is None  # at this moment only .old-step_8 and .tmp-step_8 exist
+    assert run.prepare(cfg(tmp_path), is_main=True) == tmp_path / "checkpoints" / "step_0000008"
+    assert read_state(run.latest()).step == 8
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step_0000008"]
+
+
+def test_a_kill_before_the_first_rename_promotes_the_finished_copy(tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+    save(run, 4)
+    kill_at_rename_into(monkeypatch, "step_0000008")
+    with pytest.raises(Killed):
+        save(run, 8)
+    monkeypatch.undo()
+    assert run.prepare(cfg(tmp_path), is_main=True).name == "step_0000008"  # finished, so not thrown away
+
+
+def test_a_half_deleted_checkpoint_is_not_resumed_and_the_previous_one_is(tmp_path, caplog):
+    run = RunDir(tmp_path)
+    for step in (4, 8, 12):
+        save(run, step)
+    (run.checkpoints / "step_0000012" / "model.safetensors").unlink()
+    (run.checkpoints / "step_0000008" / "optimizer.bin").write_bytes(b"o" * 10)  # truncated
+    assert run.prepare(cfg(tmp_path), is_main=True).name == "step_0000004"
+    assert "step_0000012 is damaged" in caplog.text
+    assert (run.checkpoints / "step_0000012").exists()  # ignored, not deleted: somebody may want to look
+
+
+def test_a_prune_cut_short_leaves_no_complete_looking_folder_and_a_start_removes_it(tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+    save(run, 4, keep_last=1)
+    monkeypatch.setattr(rundir.shutil, "rmtree", lambda p, ignore_errors=False: None)  # killed inside the prune
+    save(run, 8, keep_last=1)
+    monkeypatch.undo()
+    assert not (run.checkpoints / "step_0000004" / COMPLETE).exists()  # the marker went first
+    assert [p.name for p in run.complete_checkpoints()] == ["step_0000008"]
+    run.prepare(cfg(tmp_path), is_main=True)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step_0000008"]
+
+
+def test_a_folder_with_results_but_no_checkpoint_is_not_started_over(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"someone's model")
+    (tmp_path / "metrics.json").write_text("{}")
+    run = RunDir(tmp_path, outputs=("metrics.json",))
+    with pytest.raises(ConfigError, match="already holds results .*no checkpoint to resume"):
+        run.prepare(cfg(tmp_path), is_main=True)  # resume=true, nothing to resume: it would have started over
+    assert (tmp_path / "model.safetensors").read_bytes() == b"someone's model"
+
+
+def test_overwrite_deletes_only_what_this_project_wrote(tmp_path):
+    run = RunDir(tmp_path, outputs=("metrics.json",))
+    save(run, 4)
+    mine = {"logs/other_experiment.txt": "notes", "checkpoints/mine.ckpt": "weights", "notes.md": "keep"}
+    ours = ["model.safetensors", "metrics.json", "config.yaml", "logs/logs/events.out.tfevents.1.host",
+            "reconstructions/step_0000004.png"]
+    for name, text in [*mine.items(), *((n, "x") for n in ours)]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert run.prepare(cfg(tmp_path, "train.resume=false", "train.overwrite=true"), is_main=True) is None
+    assert all((tmp_path / name).read_text() == text for name, text in mine.items())
+    assert not any((tmp_path / name).exists() for name in ours)
+    assert run.latest() is None
