@@ -33,7 +33,7 @@ POSITIVE_OR_NULL = _range(lambda v: v is None or v > 0, "a positive integer or n
 AT_LEAST_0 = _range(lambda v: v >= 0, "0 or more")
 UNIT = _range(lambda v: 0 <= v < 1, "in [0, 1)")
 NAME = _range(lambda v: re.fullmatch(r"[\w.-]+", v) is not None, "a name of letters, digits, '_', '-' or '.'")
-INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # what the transforms take (data/transforms.py)
 
 
 def one_of(*choices) -> Tuple:
@@ -83,8 +83,8 @@ class _Head:
 @dataclass
 class MaeModelConfig(_Decoder, _Trained, EncoderConfig):
     """the MAE: encoder and decoder"""
-    mask_ratio: float = key(0.75, "fraction of patches hidden from the encoder", _range(lambda v: 0 <= v < 1,
-                                                                                        "in [0, 1), e.g. 0.75"))
+    mask_ratio: float = key(0.75, "fraction of patches hidden from the encoder (the loss is on those)",
+                            _range(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.75: with none hidden there is nothing to learn"))
 
 
 @dataclass
@@ -267,11 +267,14 @@ def quote(value: Any) -> str:
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value that has the right type but makes no sense.
 
-    Each key's own check (allowed choices, ranges) comes from its schema field; then the combinations:
+    Every number must be finite; each key's own check (allowed choices, ranges) comes from its schema
+    field; then the combinations:
     len(mean) == len(std) == model.in_chans, warmup_epochs <= epochs.
     """
     for path, f in leaf_fields(OmegaConf.get_type(cfg)):
         value, check = OmegaConf.select(cfg, path), f.metadata.get("check")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{path}' is {quote(value)}, but it must be a finite number.")
         if check is not None and not check[0](value):
             raise ConfigError(f"config key '{path}' is {quote(value)}, but it must be {check[1]}.")
     _check_combinations(cfg)

@@ -148,8 +148,12 @@ def test_checkpoint_flag_only_where_declared():
         (["--data"], ["--data needs a value"]),
         (["train.mixed_precision=fp32"], ["train.mixed_precision", "'fp32'", "no, fp16, bf16"]),
         (["model.pos_embed=rope"], ["model.pos_embed", "sincos, learned"]),
-        (["model.mask_ratio=1.0"], ["model.mask_ratio", "[0, 1)"]),
+        (["model.mask_ratio=1.0"], ["model.mask_ratio", "(0, 1)"]),
         (["model.mask_ratio=-0.1"], ["model.mask_ratio"]),
+        (["model.mask_ratio=0"], ["model.mask_ratio", "nothing to learn"]),
+        (["optim.base_lr=.inf"], ["optim.base_lr", "finite"]),
+        (["optim.min_lr=.nan"], ["optim.min_lr", "finite"]),
+        (["data.interpolation=lanczos"], ["data.interpolation", "nearest, bilinear, bicubic"]),
         (["data.batch_size=0"], ["data.batch_size", "positive"]),
         (["optim.epochs=-5"], ["optim.epochs", "positive"]),
         (["data.crop_scale=[0.5,0.2]"], ["data.crop_scale", "two increasing numbers in (0, 1]"]),
@@ -175,10 +179,10 @@ def test_command_line_errors_name_the_key(argv, expected):
 def test_valid_edge_values_pass():
     cfg = parse_config(
         PretrainConfig,
-        ["model.mask_ratio=0", "data.crop_scale=[1.0,1.0]", "optim.warmup_epochs=10", "model.in_chans=1",
+        ["model.mask_ratio=0.01", "data.crop_scale=[1.0,1.0]", "optim.warmup_epochs=10", "model.in_chans=1",
          "data.mean=[0.5]", "data.std=[0.25]"],
     )
-    assert cfg.model.mask_ratio == 0 and list(cfg.data.std) == [0.25]
+    assert cfg.model.mask_ratio == 0.01 and list(cfg.data.std) == [0.25]
 
 
 def test_per_tool_value_checks():

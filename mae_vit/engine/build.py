@@ -65,7 +65,11 @@ def build_model(model: DictConfig, *, mae: bool, **extra) -> torch.nn.Module:
     if model.name.startswith("mae_") != mae:
         want = "an MAE model (mae_vit_...)" if mae else "a classifier (vit_..., without the mae_ prefix)"
         raise ConfigError(f"model.name={model.name!r}, but this tool needs {want}.")
-    return create_model(model.name, **{**model_kwargs(model, mae=mae), **extra})
+    try:
+        return create_model(model.name, **{**model_kwargs(model, mae=mae), **extra})
+    except ValueError as e:  # sizes that do not fit together: patch vs image size, width vs heads
+        raise ConfigError(f"the model settings do not fit together: {e}. Change model.img_size / model.patch_size "
+                          "or model.embed_dim / model.num_heads (see --help).") from None
 
 
 def make_accelerator(mixed_precision: str, output_dir: str) -> Accelerator:

@@ -77,7 +77,7 @@ class ClassifierTask(Task):
         if self.cfg.data.train is None:
             log.info("no data.train given: using the labelled synthetic demo shards %s (val %s)", self.train_urls,
                      self.val_urls)
-        self.num_classes = resolve_num_classes(self.cfg.model.num_classes, self.train_urls)
+        self.num_classes = resolve_num_classes(self.cfg.model.num_classes, self.train_urls, self.val_urls)
         # self.model: the trained module itself (the loop's prepared copy wraps this very object)
         self.model, self.classifier = self.make_model(self.num_classes, self.pretrained)  # shape errors come now
         self.pretrained = None
@@ -149,23 +149,25 @@ def read_pretrained(checkpoint: str | None) -> dict | None:
     return None if checkpoint is None else to_state_dict(read_file(checkpoint))
 
 
-def resolve_num_classes(configured: int | None, train_urls: str) -> int:
-    """model.num_classes, else the classes in the training shards' index; DataError when neither says."""
-    index = read_index(train_urls)
-    found = index["num_classes"] if index else None
-    if configured is None:
-        if found is None:
-            raise DataError(
-                f"cannot tell how many classes the training data {train_urls} has: its shards have no index with "
-                "classes (remote or hand-made shards?). Set --num-classes K (model.num_classes=K)."
-            )
-        return int(found)
-    if found is not None and found > configured:
+def resolve_num_classes(configured: int | None, train_urls: str, val_urls: str | None = None) -> int:
+    """model.num_classes, else the classes in the training shards' index; DataError when neither says, or when
+    the training or validation shards hold more classes than that (checked now, not after an epoch)."""
+    found = {what: (read_index(urls) or {}).get("num_classes") for what, urls in (("training", train_urls),
+                                                                                  ("validation", val_urls)) if urls}
+    num_classes = configured if configured is not None else found["training"]
+    if num_classes is None:
         raise DataError(
-            f"the training shards have {found} classes but model.num_classes is {configured}, so some labels "
-            f"would not be classes of the model. Set --num-classes {found} (or leave model.num_classes unset)."
+            f"cannot tell how many classes the training data {train_urls} has: its shards have no index with "
+            "classes (remote or hand-made shards?). Set --num-classes K (model.num_classes=K)."
         )
-    return int(configured)
+    for what, classes in found.items():
+        if classes is not None and classes > num_classes:
+            raise DataError(
+                f"the {what} shards have {classes} classes but the model has {num_classes} "
+                f"({'model.num_classes' if configured is not None else 'from the training index'}), so some labels "
+                f"would not be classes of the model. Set --num-classes {classes}, or use shards of the same classes."
+            )
+    return int(num_classes)
 
 
 def _epoch_text(epoch: float) -> str:
