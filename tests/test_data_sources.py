@@ -132,3 +132,36 @@ def test_missing_sources(tmp_path):
         open_source(str(tmp_path / "empty"))
     with pytest.raises(DataError, match="not found"):
         open_source(f"fashion-mnist:{tmp_path / 'empty'}")
+
+
+def test_16_bit_pngs_are_scaled_not_clipped_by_the_writer_and_the_reader(tmp_path):
+    from mae_vit.data import make_loader
+
+    ramp = np.linspace(0, 65535, 256).reshape(16, 16).astype(np.uint16)  # mean 32767.5: half the range
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "imgs" / "deep.png")
+    assert Image.open(tmp_path / "imgs" / "deep.png").mode == "I;16"
+    _, urls = make_shards(str(tmp_path / "imgs"), tmp_path / "shards", progress=False)  # the PNG goes in as it is
+    batch = next(iter(make_loader(urls, batch_size=1, in_chans=1, with_labels=False, shuffle=False)))
+    assert batch["image"].mean().item() == pytest.approx(0.5, abs=0.01)  # clipped, it was 0.996
+    from mae_vit.data.writer import write_shards
+    write_shards([("k", Image.fromarray(ramp), None)], tmp_path / "direct", progress=False)  # PIL image path
+    png = next(data for name, data in tar_members(tmp_path / "direct" / "shard-000000.tar").items()
+               if name.endswith(".png"))
+    assert np.asarray(Image.open(io.BytesIO(png))).mean() / 255 == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_class_folder_named_like_a_split_is_a_class(tmp_path):
+    for cls in ("bus", "tractor", "train"):  # CIFAR-100 has a class called "train"
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    index, _ = make_shards(str(tmp_path), tmp_path.parent / "out_classes", progress=False)
+    assert index["num_samples"] == 15 and index["num_classes"] == 3
+    split = tmp_path.parent / "split_layout"
+    for part, n in (("train", 4), ("val", 2)):
+        (split / part / "cat").mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(split / part / "cat" / f"{i}.png")
+    index, _ = make_shards(str(split), tmp_path.parent / "out_split", split="val", progress=False)
+    assert index["num_samples"] == 2  # train/ + val/ only: the split layout

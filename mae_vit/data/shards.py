@@ -41,6 +41,7 @@ from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from mae_vit.data.transforms import to_8bit
 from mae_vit.data.split import assign, kept_in_range, resume_plan, worker_batch_counts, worker_sample_counts
 from mae_vit.data.urls import expand_urls, read_index, shard_sample_counts
 from mae_vit.errors import ConfigError, DataError
@@ -183,7 +184,7 @@ class ShardDataset(IterableDataset):
             if image_key is None:
                 raise ValueError(f"no image member (has {sorted(k for k in raw if not k.startswith('__'))})")
             with Image.open(io.BytesIO(raw[image_key])) as opened:
-                image = opened.convert(self.mode)  # forces the full decode
+                image = to_8bit(opened).convert(self.mode)  # forces the full decode
             label = None
             if self.with_labels:
                 if "cls" not in raw:

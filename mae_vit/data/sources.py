@@ -3,8 +3,9 @@
 - `"synthetic"`: the procedural data set (uses num_samples, num_classes, img_size, seed, split).
 - `"fashion-mnist"`: the Fashion-MNIST idx files from their default places (see `fashion_mnist.py`);
   `"fashion-mnist:FOLDER"` names the folder. A folder path that holds the idx files is recognised too.
-- any other string: a folder of images (see `folder.py`); if `FOLDER/<split>` is a folder it is used
-  instead (the usual `train/` + `val/` layout), else FOLDER itself.
+- any other string: a folder of images (see `folder.py`). When every subfolder of FOLDER is a split
+  name (train, val, validation, test) and `FOLDER/<split>` exists, that is used (the usual `train/` +
+  `val/` layout); otherwise the subfolders are classes, even one that is called `train`.
 
 num_samples, num_classes and img_size apply to the synthetic source only; real sources are written
 whole and unresized.
@@ -18,6 +19,8 @@ from typing import Iterable
 
 from mae_vit.data import fashion_mnist, folder, synthetic
 from mae_vit.errors import DataError
+
+SPLIT_NAMES = {"train", "val", "validation", "test"}
 
 
 @dataclass
@@ -61,7 +64,8 @@ def open_source(
             f"The data source {source!r} is neither 'synthetic', 'fashion-mnist' nor an existing folder. "
             f"Use source=synthetic, source=fashion-mnist, or the path of a folder of images."
         )
-    if (path / split).is_dir():
+    subfolders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if (path / split).is_dir() and subfolders <= SPLIT_NAMES:
         path = path / split
     files, class_names = folder.scan_image_folder(path)
     samples = folder.folder_samples(files, seed=seed)

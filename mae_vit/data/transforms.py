@@ -50,6 +50,18 @@ class ToMode:
         return f"ToMode({self.mode!r})"
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """The rule for deep images: 16-bit ("I;16*") and 32-bit integer ("I") images are scaled so that
+    0..65535 becomes 0..255 (not clipped at 255), float ("F") images are taken as 0..1; others unchanged."""
+    if image.mode.startswith("I"):
+        values = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64) * 255.0
+    else:
+        return image
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+
+
 def _stats(in_chans: int, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if in_chans not in (1, 3):
         raise ConfigError(f"in_chans must be 1 (grey) or 3 (RGB), got {in_chans!r}.")

@@ -32,6 +32,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from mae_vit.data.transforms import to_8bit
 from mae_vit.files import write_json
 from mae_vit.data.sources import open_source
 from mae_vit.errors import ConfigError, DataError
@@ -63,7 +64,8 @@ def _encode_image(image) -> tuple[bytes, str]:
     """PIL image -> PNG bytes (L and RGB kept, other modes converted); `(bytes, ext)` passes through."""
     if isinstance(image, Image.Image):
         if image.mode not in ("L", "RGB"):
-            image = image.convert("L" if image.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
+            image = to_8bit(image)  # 16-bit and float scaled, not clipped
+            image = image.convert("L" if image.mode in ("1", "LA", "L") else "RGB")
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue(), "png"
