@@ -190,8 +190,12 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
       key=value             dotted key; the value is typed by the key: text for string keys (mixed_precision=no),
                             YAML for the rest: optim.betas=[0.9,0.95], model.num_classes=null
       --flag VALUE          a shorthand from schema_cls.FLAGS, e.g. --output-dir DIR; also --flag=VALUE
+      --allow-shell         accept `pipe:` data URLs (they run a shell command)
+      --allow-env           accept ${oc.env:VAR} values (they copy an environment variable into the config)
       -h / --help           print every flag and key with default and meaning, then exit 0
     Precedence: defaults < YAML files < command-line keys and flags (which apply left to right).
+    Nothing from a config file alone runs a command or reads the environment: the two --allow flags
+    exist only on the command line.
     Any mistake raises ConfigError with one paragraph naming the key, flag or file at fault.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -201,7 +205,8 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
         print(format_help(schema_cls, prog))
         raise SystemExit(0)
 
-    config_files, overrides = _split_argv(argv, flags)
+    allowed = {word for word in argv if word in TRUST_FLAGS}
+    config_files, overrides = _split_argv([word for word in argv if word not in TRUST_FLAGS], flags)
     cfg = OmegaConf.structured(schema_cls)
     OmegaConf.set_struct(cfg, True)
     leaves, _ = _schema_keys(schema_cls)
@@ -210,6 +215,7 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
             _set(cfg, schema_cls, key, value, f"in config file '{path}'")
     for key, text, source in overrides:
         _set(cfg, schema_cls, key, _typed_value(text, key, leaves), source)
+    _check_trust(cfg, allowed)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -217,6 +223,37 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
     resolve_paths(cfg)  # `~`, $VARS, relative paths: absolute before anything reads or writes them
     validate_config(cfg)
     return cfg
+
+
+TRUST_FLAGS = {
+    "--allow-shell": "a `pipe:` data URL runs a shell command",
+    "--allow-env": "an ${oc.env:...} value copies an environment variable into the run's config.yaml",
+}
+
+
+def _check_trust(cfg: DictConfig, allowed: set) -> None:
+    """ConfigError for a `pipe:` URL without --allow-shell or an ${oc.env:...} value without --allow-env."""
+    for path, value in _flat_values(OmegaConf.to_container(cfg, resolve=False)):
+        if not isinstance(value, str):
+            continue
+        if "${oc.env:" in value.replace(" ", "") and "--allow-env" not in allowed:
+            flag = "--allow-env"
+        elif path in ("data.train", "data.val") and any(
+                part.strip().startswith("pipe:") for part in value.split("::")) and "--allow-shell" not in allowed:
+            flag = "--allow-shell"
+        else:
+            continue
+        raise ConfigError(
+            f"'{path}' is {value!r}: {TRUST_FLAGS[flag]}, which a config file alone may not do (a shared recipe "
+            f"could run anything). If you trust it, add {flag} to the command line.")
+
+
+def _flat_values(tree: dict, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat_values(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _split_argv(argv: List[str], flags: Dict[str, Tuple[str, str]]) -> Tuple[List[str], List[Tuple[str, str, str]]]:
@@ -251,7 +288,7 @@ def _split_argv(argv: List[str], flags: Dict[str, Tuple[str, str]]) -> Tuple[Lis
 
 
 def _unknown_flag_message(name: str, flags: Dict[str, Tuple[str, str]]) -> str:
-    known = ["--config", *flags, "--help"]
+    known = ["--config", *flags, *TRUST_FLAGS, "--help"]
     message = f"unknown flag '{name}'."
     as_key = name.lstrip("-").replace("-", "_")
     if "." in as_key or as_key in {k for k, _ in flags.values()}:
@@ -277,6 +314,8 @@ def format_help(schema_cls: type, prog: str = "tool") -> str:
         "flags:",
         f"  {'-h, --help':<24}show this help and exit",
         f"  {'--config FILE':<24}YAML file with any of the keys below, nested by section",
+        f"  {'--allow-shell':<24}accept pipe: data URLs (they run a shell command; never from a file alone)",
+        f"  {'--allow-env':<24}accept ${{oc.env:VAR}} values (they copy an environment variable into the config)",
     ]
     lines += [f"  {flag + ' ' + metavar:<24}same as {key}=..." for flag, (key, metavar) in flags.items()]
     lines += ["", "keys (default, then meaning):"]

@@ -383,3 +383,23 @@ def test_layer_decay_given_to_the_pretraining_tool_exits_2_without_a_traceback(t
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown config key 'optim.layer_decay'" in result.stderr and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ nothing from a config file runs a command
+
+
+def test_a_pipe_url_runs_only_with_allow_shell_on_the_command_line(tmp_path):
+    path = write(tmp_path / "shared.yaml", "data:\n  val: 'pipe:id'\n")
+    with pytest.raises(ConfigError, match="'data.val' is 'pipe:id': a `pipe:` data URL runs a shell command.*--allow-shell"):
+        parse_config(PretrainConfig, ["--config", path])
+    with pytest.raises(ConfigError, match="--allow-shell"):
+        parse_config(PretrainConfig, ["--data", "shards/a.tar::pipe:curl -s http://h/b.tar"])
+    assert parse_config(PretrainConfig, ["--config", path, "--allow-shell"]).data.val == "pipe:id"
+
+
+def test_environment_variables_reach_the_config_only_with_allow_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAE_VIT_SECRET", "s3cr3t")
+    path = write(tmp_path / "shared.yaml", "train:\n  output_dir: runs/${oc.env:MAE_VIT_SECRET}\n")
+    with pytest.raises(ConfigError, match="oc.env.*copies an environment variable.*--allow-env"):
+        parse_config(PretrainConfig, ["--config", path])
+    assert parse_config(PretrainConfig, ["--allow-env", "--config", path]).train.output_dir == here("runs/s3cr3t")
