@@ -3,7 +3,10 @@
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +199,56 @@ def test_make_shards_tool(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # existing shards: a user error, exit status 2
         run_tool(tool["main"], argv)
     assert exit_info.value.code == 2 and "overwrite" in capsys.readouterr().err
+
+
+KILLED_WRITER = """
+import os, sys
+from mae_vit.data import writer
+from mae_vit.data.synthetic import synthetic_samples
+out, when, overwrite = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+
+def samples():
+    for i, sample in enumerate(synthetic_samples(300, img_size=8, seed=int(overwrite))):
+        if when == "writing" and i == 150:
+            os._exit(9)  # killed while writing the shards: no clean-up runs
+        yield sample
+
+if when == "commit":  # killed after two of the six shards got their final names
+    real, done = os.replace, []
+    def replace(src, dst):
+        if str(dst).endswith(".tar") and len(done) == 2:
+            os._exit(9)
+        done.append(dst)
+        real(src, dst)
+    writer.os.replace = replace
+writer.write_shards(samples(), out, samples_per_shard=50, overwrite=overwrite, progress=False)
+"""
+
+
+def killed_write(tmp_path, out, when, overwrite):
+    script = tmp_path / "killed_writer.py"
+    script.write_text(KILLED_WRITER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, str(script), str(out), when, "1" if overwrite else "0"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 9, result.stderr[-2000:]
+
+
+def test_a_killed_writer_leaves_no_temporary_files_after_the_next_run(tmp_path):
+    out = tmp_path / "shards"
+    killed_write(tmp_path, out, "writing", overwrite=False)
+    assert list(out.glob(".shard-*.partial-*"))  # what the kill left
+    index = write_shards(synthetic_samples(300, img_size=8), out, samples_per_shard=50, progress=False)
+    assert index["num_samples"] == 300 and not list(out.glob(".*partial*"))
+
+
+def test_an_overwrite_killed_midway_is_refused_by_the_reader_and_finished_by_the_next_run(tmp_path):
+    out = tmp_path / "shards"
+    write_shards(synthetic_samples(300, img_size=8), out, samples_per_shard=50, progress=False)
+    killed_write(tmp_path, out, "commit", overwrite=True)  # two new shards in place, four old ones
+    urls = shard_urls(out, "shard", 6)
+    with pytest.raises(DataError, match="still changing when it was interrupted"):
+        make_loader(urls, batch_size=10)
+    index = write_shards(synthetic_samples(300, img_size=8, seed=1), out, samples_per_shard=50, progress=False)
+    assert index["num_samples"] == 300 and not (out / "shard-INCOMPLETE").exists()
+    assert sum(len(b["key"]) for b in make_loader(urls, batch_size=10, drop_last=False)) == 300

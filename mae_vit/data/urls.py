@@ -71,7 +71,26 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     for part in parts:
         for item in braceexpand.braceexpand(part):
             expanded.extend([item] if is_remote(item) else _expand_local(item, part))
+    _refuse_interrupted_writes(expanded)
     return expanded
+
+
+def _refuse_interrupted_writes(urls: list[str]) -> None:
+    """DataError when local shards lie beside a `{prefix}-INCOMPLETE` marker (make_shards was cut short)."""
+    checked = set()
+    for url in urls:
+        if is_remote(url):
+            continue
+        path = local_path(url)
+        match = _SHARD_NAME_RE.match(path.name)
+        if not match or (path.parent, match["prefix"]) in checked:
+            continue
+        checked.add((path.parent, match["prefix"]))
+        if (path.parent / f"{match['prefix']}-INCOMPLETE").exists():
+            raise DataError(
+                f"{path.parent} holds '{match['prefix']}' shards that make_shards was still changing when it was "
+                f"interrupted ({match['prefix']}-INCOMPLETE is there), so they may mix two data sets. Run the same "
+                "make_shards command again to finish them.")
 
 
 def _load_index(path: Path) -> dict | None:

@@ -14,9 +14,12 @@ Output, in `output_dir`:
 Safety: nothing is written under a final name until every shard is complete. Shards are written to
 hidden temporary files (`.{prefix}-000000.tar.partial-<pid>`) which are renamed at the end, then the
 index is written (also via rename); an error or Ctrl-C deletes the temporary files and leaves the
-folder as it was. Existing shards or index of the same prefix make `write_shards` refuse (DataError)
-unless `overwrite=True`; with it, the old index is removed first and old shards numbered beyond the new
-ones are deleted, so that the folder holds exactly the new data set.
+folder as it was, and the temporary files of a killed writer are removed by the next one. Existing
+shards or index of the same prefix make `write_shards` refuse (DataError) unless `overwrite=True`;
+with it, the old index is removed first and old shards numbered beyond the new ones are deleted, so
+that the folder holds exactly the new data set. While the final names change, a `{prefix}-INCOMPLETE`
+file marks the folder: the reader refuses shards beside it (a kill then cannot leave a silent mix of
+two data sets), and the next `write_shards` of that prefix may replace them without `overwrite`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from mae_vit.data.transforms import to_8bit
-from mae_vit.files import write_json
+from mae_vit.files import write_json, write_text
 from mae_vit.data.sources import open_source
 from mae_vit.errors import ConfigError, DataError
 from tqdm.auto import tqdm
@@ -129,6 +132,25 @@ class _PartialShard:
             self.tar.close()
 
 
+def incomplete_marker(output_dir: Path, prefix: str) -> Path:
+    return Path(output_dir) / f"{prefix}-INCOMPLETE"
+
+
+def _remove_dead_writers_files(output_dir: Path, prefix: str) -> None:
+    """Temporary shards of a writer that was killed (its process is gone)."""
+    for temp in output_dir.glob(f".{prefix}-*.tar.partial-*"):
+        pid = temp.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+            continue  # a live process: not ours to touch
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        log.info("removing %s, left by a make_shards run that was killed", temp.name)
+        temp.unlink(missing_ok=True)
+
+
 def _existing_targets(output_dir: Path, prefix: str) -> list[Path]:
     pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar$")
     found = sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
@@ -172,7 +194,11 @@ def write_shards(
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(f"output_dir {output_dir} exists and is not a folder. Choose another output_dir.")
     output_dir.mkdir(parents=True, exist_ok=True)
+    _remove_dead_writers_files(output_dir, prefix)
     existing = _existing_targets(output_dir, prefix)
+    if incomplete_marker(output_dir, prefix).exists():
+        log.warning("%s holds an interrupted write of '%s' shards; they are replaced", output_dir, prefix)
+        overwrite = True
     if existing and not overwrite:
         names = ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
         raise DataError(
@@ -225,7 +251,7 @@ def write_shards(
             raise DataError(f"No samples to write to {output_dir}: the source yielded nothing.")
         for shard in shards:
             shard.close()
-        index = _commit(shards, output_dir, prefix, overwrite, class_counts, num_classes, class_names, labelled > 0)
+        index = _commit(shards, output_dir, prefix, class_counts, num_classes, class_names, labelled > 0)
     finally:
         bar.close()
         for shard in shards:
@@ -234,18 +260,18 @@ def write_shards(
     return index
 
 
-def _commit(shards, output_dir: Path, prefix: str, overwrite: bool, class_counts, num_classes, class_names, labelled):
+def _commit(shards, output_dir: Path, prefix: str, class_counts, num_classes, class_names, labelled):
     """Rename the finished temporaries into place, drop stale shards (overwrite) and write the index last."""
-    if overwrite:
-        (output_dir / index_name(prefix)).unlink(missing_ok=True)
+    marker = incomplete_marker(output_dir, prefix)
+    write_text(marker, "make_shards was changing these shards; if this file is still here, it was interrupted\n")
+    (output_dir / index_name(prefix)).unlink(missing_ok=True)
+    keep = {shard.final_path.name for shard in shards}
+    for stale in _existing_targets(output_dir, prefix):
+        if stale.name not in keep and stale.suffix == ".tar":
+            log.info("removing %s, left over from the data set that was overwritten", stale)
+            stale.unlink()
     for shard in shards:
         os.replace(shard.temp_path, shard.final_path)
-    if overwrite:
-        keep = {shard.final_path.name for shard in shards}
-        for stale in _existing_targets(output_dir, prefix):
-            if stale.name not in keep and stale.suffix == ".tar":
-                log.info("removing %s, left over from the data set that was overwritten", stale)
-                stale.unlink()
     if labelled and num_classes is None:
         num_classes = max(class_counts) + 1
     index = {
@@ -256,6 +282,7 @@ def _commit(shards, output_dir: Path, prefix: str, overwrite: bool, class_counts
         "class_names": list(class_names) if (labelled and class_names is not None) else None,
     }
     write_json(output_dir / index_name(prefix), index)
+    marker.unlink()
     return index
 
 
