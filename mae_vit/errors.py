@@ -23,7 +23,11 @@ class CheckpointError(UserError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is left untouched."""
+    """Training produced a NaN or infinite loss at optimizer step `step`; the last good checkpoint is untouched."""
+
+    def __init__(self, message: str, step: int = 0):
+        super().__init__(message)
+        self.step = step
 
 
 class StoppedBySignal(Exception):

@@ -194,6 +194,8 @@ class TrainConfig:
     save_every: int = key(500, "optimizer steps between checkpoints", POSITIVE)
     keep_last: int = key(3, "checkpoints kept in output_dir", POSITIVE)
     log_every: int = key(10, "optimizer steps between log lines", POSITIVE)
+    nan_retries: int = key(2, "after a NaN / infinite loss: reload the last checkpoint, skip the data that diverged, "
+                           "go on; this many times per run, then stop with the error", AT_LEAST_0)
 
 
 @dataclass

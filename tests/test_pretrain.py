@@ -116,7 +116,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shards, 
     monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
     out = tmp_path / "run"
     cfg = parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=2", "train.save_every=2",
-                                            "train.log_every=3"))
+                                            "train.log_every=3", "train.nan_retries=0"))
     with pytest.raises(NonFiniteLossError, match="step 5") as err:
         pretrain(cfg)
     assert "step_0000004" in str(err.value)
@@ -126,6 +126,32 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shards, 
     for ckpt in run.complete_checkpoints():
         from safetensors.torch import load_file
         assert all(torch.isfinite(v).all() for v in load_file(str(ckpt / "model.safetensors")).values())
+
+
+def test_a_non_finite_loss_is_recovered_from_the_last_checkpoint_skipping_the_data_that_diverged(
+        tmp_path, shards, monkeypatch, capsys):
+    from mae_vit.engine.pretrain import pretrain
+    from mae_vit.models import MaskedAutoencoderViT
+
+    calls = {"n": 0}
+    original = MaskedAutoencoderViT.forward_loss
+
+    def poisoned(self, imgs, pred, mask):
+        calls["n"] += 1
+        loss = original(self, imgs, pred, mask)
+        return loss * float("nan") if calls["n"] == 5 else loss  # the 5th optimizer step goes bad, once
+
+    monkeypatch.setattr(MaskedAutoencoderViT, "forward_loss", poisoned)
+    out = tmp_path / "run"
+    summary = pretrain(parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=2", "train.save_every=2",
+                                                         "train.log_every=3")))
+    err = capsys.readouterr().err
+    assert "NaN or infinite at step 5; reloading" in err and "step_0000004" in err and "going on from step 6" in err
+    assert summary["step"] == 16
+    state = read_state(RunDir(out).latest())
+    assert state.step == 16 and state.samples_seen == 16 * 16  # the skipped step's samples count as seen
+    from safetensors.torch import load_file
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "model.safetensors")).values())
 
 
 def test_config_errors_exit_2_and_write_nothing(tmp_path, shards):

@@ -16,6 +16,7 @@ a logging step (`monitor.py`). Checkpoints and the start-or-resume decision are 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import nullcontext
@@ -24,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ..errors import StoppedBySignal
+from ..errors import NonFiniteLossError, StoppedBySignal
 from .batches import step_batches
 from .build import make_accelerator
 from .monitor import NonFiniteGuard, StopSignal, TrainMeter, setup_logging
@@ -93,7 +94,7 @@ def train(cfg: DictConfig, task: Task) -> dict:
                      samples_seen=state.samples_seen, batches_per_epoch=lambda: data.batches_per_epoch(0))
     _start(cfg, plan, state, accelerator, resume_from, run)
     loop = Loop(cfg, task, accelerator, model, optimizer, plan, state, run, last_ckpt=resume_from)
-    if loop.run(data):
+    if run_recovering(loop, data, retries=t.nan_retries):
         accelerator.end_training()
         raise StoppedBySignal(f"a stop signal (SIGTERM / SIGUSR1) arrived; the run saved its checkpoint at step "
                               f"{state.step} ({loop.last_ckpt}). Run the same command again to resume.")
@@ -102,6 +103,28 @@ def train(cfg: DictConfig, task: Task) -> dict:
     summary = task.finish(state)
     accelerator.end_training()
     return {**summary, "checkpoint": str(loop.last_ckpt), "resumed_from": resume_from and str(resume_from)}
+
+
+def run_recovering(loop: "Loop", data, retries: int) -> bool:
+    """`loop.run(data)`, recovering from a non-finite loss up to `retries` times: reload the last checkpoint,
+    skip the steps whose data led there (their samples count as seen) and go on from the step after."""
+    while True:
+        try:
+            return loop.run(data)
+        except NonFiniteLossError as error:
+            if retries == 0 or loop.last_ckpt is None:
+                raise
+            retries -= 1
+            saved, bad = read_state(loop.last_ckpt), error.step
+            log.warning("the loss became NaN or infinite at step %d; reloading %s (step %d) and going on from step "
+                        "%d with the data after the steps that diverged (%d retries left)", bad, loop.last_ckpt,
+                        saved.step, bad + 1, retries)
+            loop.accelerator.load_state(str(loop.last_ckpt))
+            skipped = (bad - saved.step) * loop.plan.effective_batch
+            vars(loop.state).update(vars(saved))
+            loop.state.step, loop.state.samples_seen = bad, saved.samples_seen + skipped
+            loop.plan = dataclasses.replace(loop.plan, first_step=bad)
+            loop.meter = TrainMeter(loop.accelerator.device)
 
 
 def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_from, run: RunDir) -> None:

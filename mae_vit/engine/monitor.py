@@ -38,11 +38,13 @@ class NonFiniteGuard:
     def check(self, accelerator, last_good: Path | None) -> None:
         first = accelerator.reduce(self.first_bad.clone(), reduction="max")
         if int(first) >= 0:
+            self.first_bad.fill_(-1)  # reported once; a recovered run starts clean
             where = f"the last good checkpoint, untouched, is {last_good}" if last_good else "no checkpoint had been written yet"
             raise NonFiniteLossError(
                 f"the loss became NaN or infinite at optimizer step {int(first)}; the run stopped and {where}. "
                 "Common fixes: a lower learning rate (optim.base_lr), gradient clipping (optim.clip_grad=1.0), "
-                "train.mixed_precision=bf16 instead of fp16, or checking the input data for broken images."
+                "train.mixed_precision=bf16 instead of fp16, or checking the input data for broken images.",
+                step=int(first),
             )
 
 
