@@ -141,3 +141,33 @@ def test_a_run_resumed_with_another_number_of_processes_ends_at_the_same_sample_
     state = read_state(RunDir(out).latest())
     assert state.step == 8 and state.samples_seen == 8 * 16 == 2 * 64  # as an uninterrupted run
     assert state.layout["processes"] == after and state.layout["accumulation"] == (2 if after == 1 else 1)
+
+
+FULL_DISK = """
+import os, sys
+from mae_vit.engine import rundir
+real = rundir.write_json
+def write_json(path, data):
+    if os.environ.get("RANK") == "0" and path.name == "COMPLETE":
+        raise OSError(28, "No space left on device")
+    return real(path, data)
+rundir.write_json = write_json
+from mae_vit.cli import run_tool
+from mae_vit.config import PretrainConfig, parse_config
+from mae_vit.engine.pretrain import pretrain
+run_tool(lambda argv: pretrain(parse_config(PretrainConfig, argv)), sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_on_the_main_process_ends_every_process_at_once(shards, tmp_path):
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(script), "--output-dir", str(tmp_path / "run"), "--data", shards[0], *MAE, "data.batch_size=8",
+           "train.save_every=2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)  # not the 30-min collective timeout
+    assert result.returncode != 0
+    assert "No space left on device" in result.stderr and "the main process failed" in result.stderr

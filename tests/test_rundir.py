@@ -14,7 +14,7 @@ from mae_vit.errors import ConfigError
 class FakeAccelerator:
     """What save_checkpoint asks of Accelerate: one process that writes a weights file."""
 
-    is_main_process = True
+    is_main_process, num_processes = True, 1
 
     def wait_for_everyone(self):
         pass

@@ -31,6 +31,7 @@ from ..files import write_json
 from .batches import ShardBatches, transform_for
 from .build import resolve_data
 from .loop import Task
+from .monitor import on_main_process
 from .rundir import RunDir, TrainState
 
 log = logging.getLogger("mae_vit")
@@ -118,8 +119,7 @@ class ClassifierTask(Task):
         state.last_eval = metrics
         if state.best is None or metrics["top1"] > state.best["top1"]:
             state.best = metrics
-            if self.accelerator.is_main_process:
-                export_safetensors(self.classifier, self.run.path / BEST_NAME)
+            on_main_process(self.accelerator, lambda: export_safetensors(self.classifier, self.run.path / BEST_NAME))
         self.accelerator.log({"val/top1": metrics["top1"], "val/top5": metrics["top5"], "val/loss": metrics["loss"]},
                              step=state.step)
         log.info("epoch %s step %d: val top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images; best top-1 %.2f%% at "
@@ -132,9 +132,8 @@ class ClassifierTask(Task):
         summary = {"task": self.name, "step": state.step, "epoch": state.epoch, "num_classes": self.num_classes,
                    "img_size": self.img_size, "train_loss": state.last_loss, "final": state.last_eval,
                    "best": state.best}
-        if self.accelerator.is_main_process:
-            export_safetensors(self.classifier, weights)
-            write_json(metrics_file, summary)
+        on_main_process(self.accelerator, lambda: (export_safetensors(self.classifier, weights),
+                                                   write_json(metrics_file, summary)))
         if state.last_eval is not None:
             log.info("done: step %d; final val top-1 %.2f%%, best %.2f%% at epoch %s; weights in %s and %s, metrics "
                      "in %s", state.step, state.last_eval["top1"], state.best["top1"],

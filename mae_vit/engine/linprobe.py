@@ -30,6 +30,7 @@ from .batches import ShardBatches, TensorBatches, transform_for
 from .build import build_model, check_encoder_loaded
 from .classify import FEATURES_NAME, ClassifierTask
 from .loop import train
+from .monitor import on_main_process
 from .optim import build_optimizer, param_groups
 
 log = logging.getLogger("mae_vit")
@@ -177,9 +178,7 @@ def cached_features(probe: LinearProbe, accelerator, train: ShardBatches, val: S
     probe.train()
     log.info("feature cache: extracted %d train and %d val features of width %d", train_y.shape[0],
              0 if val_y is None else val_y.shape[0], train_f.shape[1])
-    if accelerator.is_main_process:
-        saved = {"meta": meta, "train_features": train_f, "train_labels": train_y, "val_features": val_f,
-                 "val_labels": val_y}
-        write_atomic(path, lambda f: torch.save(saved, f))
-    accelerator.wait_for_everyone()
+    saved = {"meta": meta, "train_features": train_f, "train_labels": train_y, "val_features": val_f,
+             "val_labels": val_y}
+    on_main_process(accelerator, lambda: write_atomic(path, lambda f: torch.save(saved, f)))
     return {"train": (train_f, train_y), "val": None if val_y is None else (val_f, val_y)}

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..errors import NonFiniteLossError, StoppedBySignal
 from .batches import step_batches
 from .build import make_accelerator
-from .monitor import NonFiniteGuard, StopSignal, TrainMeter, setup_logging
+from .monitor import NonFiniteGuard, StopSignal, TrainMeter, on_main_process, setup_logging
 from .optim import set_lr
 from .rundir import RunDir, TrainState, read_state, save_checkpoint
 from .schedule import Plan, make_plan
@@ -142,8 +142,7 @@ def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_f
                         "number of samples, but not exactly with the samples the old layout had left",
                         state.layout, layout)
     state.step, state.layout = plan.first_step, layout
-    if accelerator.is_main_process:
-        run.save_config(cfg)
+    on_main_process(accelerator, lambda: run.save_config(cfg))
     accelerator.init_trackers("logs")
     log.info("%d process(es) x batch %d x %d accumulation = effective batch %d, peak lr %.3g, %d steps/epoch, %d steps "
              "in all", world, d.batch_size, plan.accum, plan.effective_batch, plan.peak_lr, plan.steps_per_epoch,

@@ -103,3 +103,24 @@ class TrainMeter:
                  "data_time": totals[2] / world / max(self.count, 1)}
         self._reset()
         return stats
+
+
+def on_main_process(accelerator, work) -> None:
+    """Run `work()` on the main process only; if it fails, every process stops at once with that error.
+
+    Without this, an exception in main-process-only code (writing a checkpoint or the exported weights)
+    leaves the other processes waiting at the next collective until its timeout (30 minutes).
+    """
+    error = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as e:  # re-raised below, after every process has heard of it
+            error = e
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor(int(error is not None), device=accelerator.device), reduction="sum")
+        if error is None and int(failed) > 0:
+            raise RuntimeError("the main process failed while writing the run's files (its error is shown by the "
+                               "main process); this process stops with it")
+    if error is not None:
+        raise error

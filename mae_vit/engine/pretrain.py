@@ -23,6 +23,7 @@ from ..viz.reconstruction import reconstruction_grid
 from .batches import ShardBatches, transform_for
 from .build import build_adamw, build_model, resolve_data
 from .loop import Task, train
+from .monitor import on_main_process
 from .rundir import RunDir, TrainState
 
 log = logging.getLogger("mae_vit")
@@ -71,8 +72,9 @@ class Pretrain(Task):
 
     def after_step(self, step: int, state: TrainState, *, epoch_end: bool, last: bool) -> bool:
         cfg = self.cfg
-        if (step % cfg.train.vis_every == 0 or last) and self.accelerator.is_main_process:
-            _visualise(self.accelerator, self.model, self.fixed, cfg, self.run, step)
+        if step % cfg.train.vis_every == 0 or last:
+            on_main_process(self.accelerator, lambda: _visualise(self.accelerator, self.model, self.fixed, cfg,
+                                                                 self.run, step))
         epoch = state.epoch
         if epoch_end and cfg.knn.every and self.val_urls and epoch % cfg.knn.every == 0:
             self.knn_top1 = knn_monitor(self.accelerator, self.model, self.train_urls, self.val_urls, cfg)
@@ -83,8 +85,7 @@ class Pretrain(Task):
     def finish(self, state: TrainState) -> dict:
         a, cfg = self.accelerator, self.cfg
         weights = self.run.path / EXPORT_NAME
-        if a.is_main_process:
-            export_safetensors(self.model, weights)
+        on_main_process(a, lambda: export_safetensors(self.model, weights))
         versus = None
         if cfg.knn.vs_random:
             versus = encoder_vs_random(a, self.model, self.train_urls, self.val_urls, cfg)
@@ -93,8 +94,7 @@ class Pretrain(Task):
                   step=state.step)
         summary = {"task": "pretrain", "step": state.step, "epoch": state.epoch, "first_loss": state.first_loss,
                    "last_loss": state.last_loss, "knn_top1": self.knn_top1, "vs_random": versus}
-        if a.is_main_process:
-            write_json(self.run.path / METRICS_NAME, summary)
+        on_main_process(a, lambda: write_json(self.run.path / METRICS_NAME, summary))
         log.info("done: step %d, loss %s -> %s; weights exported to %s", state.step, _fmt(state.first_loss),
                  _fmt(state.last_loss), weights)
         return {**summary, "weights": str(weights)}

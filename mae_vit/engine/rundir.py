@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import save_config
 from ..errors import CheckpointError, ConfigError
 from ..files import fsync_dir, write_json
+from .monitor import on_main_process
 
 log = logging.getLogger("mae_vit")
 
@@ -208,6 +209,27 @@ def _text(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _complete(run: RunDir, tmp: Path, final: Path, state: TrainState, keep_last: int) -> None:
+    """Main process: the manifest, the rename into place (keeping an older copy of the step until then), the prune."""
+    write_json(tmp / STATE_FILE, asdict(state))
+    files = {}
+    for p in sorted(tmp.rglob("*")):  # Accelerate's files reach the disk before the manifest says "complete"
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            files[str(p.relative_to(tmp))] = p.stat().st_size
+    write_json(tmp / COMPLETE, {"step": state.step, "saved": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files})
+    old = run.checkpoints / f".old-step_{state.step:07d}"
+    if final.exists():  # the same step saved again: the old copy stays whole until the new one is in place
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(run.checkpoints)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in run.complete_checkpoints()[:-keep_last]:
+        (stale / COMPLETE).unlink()  # first: a prune cut short leaves an incomplete folder, never a "complete" one
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def is_complete(folder: Path) -> bool:
     """A checkpoint whose `COMPLETE` manifest lists files that are all there with their sizes."""
     try:
@@ -224,29 +246,9 @@ def save_checkpoint(accelerator, run: RunDir, state: TrainState, keep_last: int)
     """
     final = run.checkpoints / f"step_{state.step:07d}"
     tmp = run.checkpoints / f".tmp-step_{state.step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    on_main_process(accelerator, lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / STATE_FILE, asdict(state))
-        files = {}
-        for p in sorted(tmp.rglob("*")):  # Accelerate's files reach the disk before the manifest says "complete"
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-                files[str(p.relative_to(tmp))] = p.stat().st_size
-        write_json(tmp / COMPLETE, {"step": state.step, "saved": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files})
-        old = run.checkpoints / f".old-step_{state.step:07d}"
-        if final.exists():  # the same step saved again: the old copy stays whole until the new one is in place
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(run.checkpoints)
-        shutil.rmtree(old, ignore_errors=True)
-        for stale in run.complete_checkpoints()[:-keep_last]:
-            (stale / COMPLETE).unlink()  # first: a prune cut short leaves an incomplete folder, never a "complete" one
-            shutil.rmtree(stale, ignore_errors=True)
+    on_main_process(accelerator, lambda: _complete(run, tmp, final, state, keep_last))
     accelerator.wait_for_everyone()
     return final
