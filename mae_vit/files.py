@@ -20,6 +20,12 @@ from typing import IO, Callable, Iterator
 _counter = itertools.count()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success fsync it and rename it to `path`."""
@@ -28,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(_counter)}")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # whatever wrote it (some libraries create files 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -116,3 +116,23 @@ def test_overwrite_deletes_only_what_this_project_wrote(tmp_path):
     assert all((tmp_path / name).read_text() == text for name, text in mine.items())
     assert not any((tmp_path / name).exists() for name in ours)
     assert run.latest() is None
+
+
+def test_written_files_follow_the_umask_so_a_teammate_can_read_a_shared_run(tmp_path):
+    import torch
+
+    from mae_vit.checkpoint import export_safetensors
+    from mae_vit.config import save_config
+    from mae_vit.files import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+        save_config(cfg(tmp_path), tmp_path / "config.yaml")
+        export_safetensors({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+        save(RunDir(tmp_path / "run"), 2)
+    finally:
+        os.umask(old)
+    written = [tmp_path / "m.json", tmp_path / "config.yaml", tmp_path / "model.safetensors",
+               tmp_path / "run" / "checkpoints" / "step_0000002" / COMPLETE]
+    assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(0o644)] * 4  # mkstemp made them 0600
