@@ -159,6 +159,10 @@ class OptimConfig:
     warmup_epochs: float = key(40, "linear warmup from 0 (may be fractional)", AT_LEAST_0)
     effective_batch: Optional[int] = key(None, "reached by gradient accumulation; None = batch_size x processes",
                                          POSITIVE_OR_NULL)
+    time_budget: Optional[str] = key(None, "e.g. 45m, 36h: fit the schedule to end in this wall time (instead of "
+                                     "epochs); fixed after measuring the first steps", _range(
+                                         lambda v: v is None or re.fullmatch(r"\d+(\.\d+)?[smhd]", v) is not None,
+                                         "a duration such as 90s, 45m, 36h or 2d, or null"))
 
 
 @dataclass

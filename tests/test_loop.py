@@ -171,3 +171,19 @@ def test_a_failure_on_the_main_process_ends_every_process_at_once(shards, tmp_pa
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)  # not the 30-min collective timeout
     assert result.returncode != 0
     assert "No space left on device" in result.stderr and "the main process failed" in result.stderr
+
+
+def test_a_time_budget_fixes_the_steps_so_that_they_fit_the_measured_step_time(shards, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--data", shards[0], *MAE, "data.batch_size=16", "optim.epochs=10000",
+            "optim.warmup_epochs=1", "optim.time_budget=8s", "train.log_every=50", "train.save_every=100000"]
+    summary = pretrain(parse_config(PretrainConfig, argv))
+    state = read_state(RunDir(out).latest())
+    budget = state.budget
+    assert budget["seconds"] == 8 and summary["step"] == state.step == budget["steps"]  # ran exactly the fixed steps
+    assert 22 < budget["steps"] < 10000 * 4  # not the 10000 epochs the config names
+    assert (budget["steps"] - 22) * budget["step_s"] <= 0.95 * 8  # the steps after the measurement fit the budget
+    lr = scalars(out, "train/lr")
+    assert lr[budget["steps"]] < 0.01 * max(lr.values())  # the cosine ended with the budget
+    again = pretrain(parse_config(PretrainConfig, argv))  # a re-run keeps the fixed length: nothing left to do
+    assert again["step"] == budget["steps"] and read_state(RunDir(out).latest()).budget == budget

@@ -17,6 +17,7 @@ a logging step (`monitor.py`). Checkpoints and the start-or-resume decision are 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from contextlib import nullcontext
@@ -31,12 +32,13 @@ from .build import make_accelerator
 from .monitor import NonFiniteGuard, StopSignal, TrainMeter, on_main_process, setup_logging
 from .optim import set_lr
 from .rundir import RunDir, TrainState, read_state, save_checkpoint
-from .schedule import Plan, make_plan
+from .schedule import Plan, budget_steps, make_plan, seconds
 
 log = logging.getLogger("mae_vit")
 # With several processes, agreeing to stop is a collective: every few steps, not every step. Launchers and
 # schedulers kill about 30 s after SIGTERM; a single process checks its own flag every step.
 STOP_CHECK_EVERY = 5
+MEASURED_STEPS = 20  # optim.time_budget: steps timed (after 2 that warm caches up) before the total is fixed
 
 
 class Task:
@@ -73,7 +75,7 @@ class Task:
 
 def train(cfg: DictConfig, task: Task) -> dict:
     """Run (or resume) `task` as configured; returns its summary."""
-    t = cfg.train
+    started, t = time.perf_counter(), cfg.train
     run = RunDir(t.output_dir, outputs=task.outputs)
     resuming = t.resume and run.latest() is not None
     task.check(resuming)
@@ -91,9 +93,11 @@ def train(cfg: DictConfig, task: Task) -> dict:
     data = task.build_data(run, resumed=resume_from is not None)
     plan = make_plan(cfg.optim, batch_size=cfg.data.batch_size, world_size=accelerator.num_processes,
                      max_steps=t.max_steps, samples_per_epoch=state.samples_per_epoch,
-                     samples_seen=state.samples_seen, batches_per_epoch=lambda: data.batches_per_epoch(0))
+                     samples_seen=state.samples_seen, batches_per_epoch=lambda: data.batches_per_epoch(0),
+                     total_steps=state.budget and state.budget["steps"])
     _start(cfg, plan, state, accelerator, resume_from, run)
     loop = Loop(cfg, task, accelerator, model, optimizer, plan, state, run, last_ckpt=resume_from)
+    loop.started = started  # a time budget counts from here
     if run_recovering(loop, data, retries=t.nan_retries):
         accelerator.end_training()
         raise StoppedBySignal(f"a stop signal (SIGTERM / SIGUSR1) arrived; the run saved its checkpoint at step "
@@ -155,6 +159,8 @@ class Loop:
     def __init__(self, cfg, task, accelerator, model, optimizer, plan: Plan, state: TrainState, run: RunDir,
                  last_ckpt):
         self.t, self.clip_grad = cfg.train, cfg.optim.clip_grad
+        self.budget = seconds(cfg.optim.time_budget) if cfg.optim.time_budget else None
+        self.t_budget_text = cfg.optim.time_budget
         self.task, self.accelerator, self.model, self.optimizer = task, accelerator, model, optimizer
         self.plan, self.state, self.run_dir = plan, state, run
         self.last_ckpt, self.saved_step = last_ckpt, (state.step if last_ckpt else None)
@@ -164,13 +170,15 @@ class Loop:
     def run(self, data) -> bool:
         """Train from `plan.first_step` to `plan.last_step`; True when stopped early by a signal."""
         a, t, plan, state = self.accelerator, self.t, self.plan, self.state
+        if plan.first_step >= plan.last_step:
+            return False
         stop = StopSignal()
         bar = tqdm(total=plan.last_step, initial=plan.first_step, desc=self.task.name, unit="step", dynamic_ncols=True,
                    disable=None if a.is_main_process else True)
         self.model.train()
         tick = time.perf_counter()
         try:
-            for step, micro_batches in zip(range(plan.first_step + 1, plan.last_step + 1), step_batches(data, plan)):
+            for step, micro_batches in zip(itertools.count(plan.first_step + 1), step_batches(data, plan)):
                 self.meter.data_time += time.perf_counter() - tick
                 lr = plan.lr(step)
                 set_lr(self.optimizer, lr)
@@ -186,6 +194,8 @@ class Loop:
                 self.optimizer.zero_grad(set_to_none=True)
                 state.step, state.samples_seen = step, state.samples_seen + plan.effective_batch
                 bar.update()
+                if self.budget and state.budget is None and step - plan.first_step in (2, MEASURED_STEPS + 2):
+                    plan = self.fit_budget(step, bar)
                 if step % t.log_every == 0 or step == plan.last_step:
                     self.log(lr, bar)
                 evaluated = self.task.after_step(step, state, epoch_end=step % plan.steps_per_epoch == 0,
@@ -197,10 +207,28 @@ class Loop:
                     if self.saved_step != step:
                         self.save()
                     return True
+                if step >= plan.last_step:
+                    return False
                 tick = time.perf_counter()
-            return False
         finally:
             bar.close()
+
+    def fit_budget(self, step: int, bar) -> Plan:
+        """optim.time_budget: time steps 3..22 of this start, then fix the total steps to end on time."""
+        now = time.perf_counter()
+        if step - self.plan.first_step == 2:
+            self.timer = now
+            return self.plan
+        measured = torch.tensor((now - self.timer) / MEASURED_STEPS, device=self.accelerator.device)
+        step_s = float(self.accelerator.reduce(measured, reduction="max"))  # the slowest process sets the pace
+        total = max(budget_steps(self.budget, now - self.started, step, step_s), step)
+        self.state.budget = {"seconds": self.budget, "step_s": step_s, "steps": total}
+        self.plan = dataclasses.replace(self.plan, total_steps=total, last_step=min(total, self.t.max_steps or total),
+                                        warmup_steps=min(self.plan.warmup_steps, total))
+        bar.total = self.plan.last_step
+        log.info("time budget %s: %.3f s per step measured -> %d steps in all (%.2f epochs); the schedule ends at "
+                 "step %d", self.t_budget_text, step_s, total, total / self.plan.steps_per_epoch, total)
+        return self.plan
 
     def save(self) -> None:
         self.guard.check(self.accelerator, self.last_ckpt)  # never save a diverged state over a good one

@@ -62,6 +62,7 @@ class TrainState:
     skipped_samples: int = 0      # unreadable samples passed over
     first_loss: float | None = None
     last_loss: float | None = None
+    budget: dict | None = None    # optim.time_budget: {"seconds", "step_s", "steps"}, fixed after measuring
     best: dict | None = None      # classifier training: the evaluation with the best top-1 so far
     last_eval: dict | None = None
 

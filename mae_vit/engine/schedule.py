@@ -42,6 +42,17 @@ def schedule_steps(epochs: float, warmup_epochs: float, steps_per_epoch: int) ->
     return round(warmup_epochs * steps_per_epoch), round(epochs * steps_per_epoch)
 
 
+def seconds(duration: str) -> float:
+    """'90s', '45m', '36h', '2d' -> seconds."""
+    return float(duration[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[duration[-1]]
+
+
+def budget_steps(budget_s: float, elapsed_s: float, done: int, step_s: float, share: float = 0.95) -> int:
+    """Total steps of a run that has `done` steps after `elapsed_s` seconds and takes `step_s` per step from
+    now on, such that the steps end within `share` of `budget_s` (the rest is for evaluations and the end)."""
+    return done + max(int((share * budget_s - elapsed_s) / step_s), 0)
+
+
 def scaled_lr(base_lr: float, effective_batch: int) -> float:
     """The linear scaling rule of MAE: base_lr is the lr for a batch of 256 images."""
     return base_lr * effective_batch / 256
@@ -109,13 +120,14 @@ class Plan:
 
 
 def make_plan(optim, *, batch_size: int, world_size: int, max_steps: Optional[int], samples_per_epoch: int,
-              samples_seen: int, batches_per_epoch: Callable[[], int]) -> Plan:
+              samples_seen: int, batches_per_epoch: Callable[[], int], total_steps: Optional[int] = None) -> Plan:
     """The plan of a run from its `optim` config section and where its data stands.
 
     A fresh run (`samples_per_epoch` 0) fixes its epoch as the optimizer steps that every process's
     share of the data fills (`batches_per_epoch()`: full batches per process). A resumed run passes
     the saved figures, so that continued with another number of processes, batch size or workers it
-    keeps its schedule and goes on after the same number of samples.
+    keeps its schedule and goes on after the same number of samples. `total_steps` (a time budget's
+    fixed length) replaces the length `optim.epochs` gives.
     """
     effective = optim.effective_batch or batch_size * world_size
     accum = accumulation_steps(effective, batch_size, world_size)
@@ -128,6 +140,8 @@ def make_plan(optim, *, batch_size: int, world_size: int, max_steps: Optional[in
             f"({world_size} process(es) x data.batch_size {batch_size} x {accum} accumulation); lower data.batch_size "
             "or optim.effective_batch, or use more data.")
     warmup, total = schedule_steps(optim.epochs, optim.warmup_epochs, steps_per_epoch)
+    if total_steps is not None:
+        warmup, total = min(warmup, total_steps), total_steps
     return Plan(effective_batch=effective, accum=accum, peak_lr=peak_lr, min_lr=optim.min_lr,
                 steps_per_epoch=steps_per_epoch, warmup_steps=warmup, total_steps=total,
                 last_step=min(total, max_steps) if max_steps else total, first_step=samples_seen // effective)
