@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
 PREFIXES = ("module.", "_orig_mod.")
+ONLINE_PROBE_PREFIX = "mae."  # checkpoints of pretraining with an online probe: the MAE, then the probe's head
 EXPORT_NAME = "model.safetensors"  # what a pretraining / fine-tuning run exports into its directory
 
 
@@ -111,7 +112,8 @@ def read_file(path: str | os.PathLike) -> dict:
 
 
 def to_state_dict(obj) -> dict[str, torch.Tensor]:
-    """Unwrap `{'model': ...}` / `{'state_dict': ...}` layers and strip DDP / compile prefixes."""
+    """Unwrap `{'model': ...}` / `{'state_dict': ...}` layers and strip DDP / compile prefixes; of a checkpoint
+    with an online probe (`mae.*` and `head.*`), the MAE alone."""
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
@@ -130,6 +132,8 @@ def to_state_dict(obj) -> dict[str, torch.Tensor]:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix):], True
         out[key] = value
+    if any(key.startswith(ONLINE_PROBE_PREFIX) for key in out):  # a pretraining checkpoint with its online probe
+        out = {key[len(ONLINE_PROBE_PREFIX):]: v for key, v in out.items() if key.startswith(ONLINE_PROBE_PREFIX)}
     return out
 
 

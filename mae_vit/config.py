@@ -19,7 +19,7 @@ from mae_vit.schema import (AT_LEAST_0, NAME, POSITIVE, POSITIVE_OR_NULL, UNIT, 
                             validate_config)
 
 __all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "FinetuneConfig", "LinprobeConfig", "MakeShardsConfig",
-           "PretrainConfig", "VisualizeConfig", "format_help", "parse_config", "save_config", "validate_config"]
+           "PretrainConfig", "SweepConfig", "VisualizeConfig", "format_help", "parse_config", "save_config", "validate_config"]
 
 _TRAIN_FLAGS = {"--output-dir": ("train.output_dir", "DIR"), "--data": ("data.train", "URLS")}
 _TOOL_FLAGS = {"--output-dir": ("output_dir", "DIR"), "--data": ("data.train", "URLS"),
@@ -46,6 +46,8 @@ class PretrainConfig:
     optim: AdamWConfig = section(AdamWConfig, base_lr=4e-3, epochs=30, warmup_epochs=1)
     train: PretrainRunConfig = section(PretrainRunConfig, output_dir="runs/pretrain", save_every=100, vis_every=100)
     knn: PretrainKnnConfig = section(PretrainKnnConfig)
+    online_probe: bool = key(True, "with labelled shards: train a linear head on the masked encoder's class token "
+                             "(its gradient stops there) and log its val top-1 every epoch")
 
 
 @dataclass
@@ -99,6 +101,18 @@ class EvaluateConfig:
     output_dir: str = key("runs/evaluate", "metrics are written here")
     metrics: List[str] = key(list(METRICS), "any of top1, knn, fewshot", _range(
         lambda v: len(v) > 0 and all(m in METRICS for m in v), "a non-empty list of: " + ", ".join(METRICS)))
+
+
+@dataclass
+class SweepConfig:
+    """Score every kept checkpoint of a pretraining run (kNN, few-shot), plot it and export the best encoder."""
+
+    FLAGS: Flags = {"--run": ("run", "DIR"), "--data": ("data.train", "URLS")}
+    model: ModelConfig = section(ModelConfig)
+    data: DataConfig = section(DataConfig)
+    knn: KnnConfig = section(KnnConfig)
+    fewshot: FewShotConfig = section(FewShotConfig, shots=[10])
+    run: str = key("runs/pretrain", "the pretraining run directory whose checkpoints are scored")
 
 
 @dataclass

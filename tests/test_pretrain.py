@@ -256,3 +256,38 @@ def test_no_encoder_check_without_labelled_validation_shards(tmp_path, shards):
 
     summary = pretrain(parse_config(PretrainConfig, args(tmp_path / "run", shards[0], "optim.epochs=1")))
     assert summary["vs_random"] is None and summary["step"] == 8
+
+
+def test_the_online_probe_learns_on_labelled_shards_without_changing_the_mae(tmp_path, shards, capsys):
+    from safetensors.torch import load_file
+
+    from mae_vit.engine.pretrain import pretrain
+
+    common = [f"data.val={shards[1]}", "optim.epochs=4", "optim.base_lr=2e-3", "knn.vs_random=false"]
+    with_probe = pretrain(parse_config(PretrainConfig, args(tmp_path / "a", shards[0], *common)))
+    err = capsys.readouterr().err
+    assert "online probe: a linear head on the masked encoder's class token, 10 classes" in err
+    assert err.count("online probe top-1") == 4  # every epoch
+    # the head learns: its cross-entropy starts at ln 10 = 2.303 (zero weights: every class alike) and falls
+    assert with_probe["online_probe_loss"] < 2.2 and 0 <= with_probe["online_probe_top1"] <= 100
+    without = pretrain(parse_config(PretrainConfig, args(tmp_path / "b", shards[0], *common, "online_probe=false")))
+    assert without["online_probe_top1"] is None
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the probe taught the MAE nothing
+
+
+def test_an_untrained_online_probe_is_at_chance(shards):
+    from accelerate import Accelerator
+
+    from mae_vit.engine.batches import ShardBatches, transform_for
+    from mae_vit.engine.build import build_model
+    from mae_vit.engine.online_probe import OnlineProbe, ProbeClassifier
+    from mae_vit.eval import classifier_metrics
+
+    cfg = parse_config(PretrainConfig, args("unused", shards[0]))
+    probe = OnlineProbe(build_model(cfg.model, mae=True), num_classes=10)
+    val = ShardBatches(shards[1], cfg, transform_for(cfg, "eval"), accelerator=Accelerator(cpu=True), train=False)
+    labels = torch.cat([b["label"] for b in val.batches()])
+    top1 = classifier_metrics(ProbeClassifier(probe, 0.75), val.batches(), Accelerator(cpu=True))["top1"]
+    shares = [100 * (labels == c).float().mean().item() for c in range(10)]
+    assert any(top1 == pytest.approx(share) for share in shares)  # all logits equal: one class for every image

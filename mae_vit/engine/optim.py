@@ -42,9 +42,10 @@ def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr to lr * its lr_scale (1.0 for groups without one)."""
+    """Set every group's lr to lr * its lr_scale (1.0 for groups without one); a group with a `fixed_lr`
+    (the online probe's head) keeps that instead of following the schedule."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = group["fixed_lr"] if "fixed_lr" in group else lr * group.get("lr_scale", 1.0)
 
 
 class LARS(torch.optim.Optimizer):

@@ -10,13 +10,14 @@ exports the weights and compares the encoder with its own random initialisation 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from omegaconf import DictConfig
 
 from ..checkpoint import EXPORT_NAME, export_safetensors
 from ..data import make_loader, read_index
-from ..eval import extract_features, knn_accuracy
+from ..eval import classifier_metrics, extract_features, knn_accuracy
 from ..files import write_json
 from ..viz.io import save_png
 from ..viz.reconstruction import reconstruction_grid
@@ -24,7 +25,9 @@ from .batches import ShardBatches, transform_for
 from .build import build_adamw, build_model, resolve_data
 from .loop import Task, train
 from .monitor import on_main_process
+from .online_probe import OnlineProbe, ProbeClassifier, probe_param_groups
 from .rundir import RunDir, TrainState
+from .sweep import SWEEP_FILES
 
 log = logging.getLogger("mae_vit")
 METRICS_NAME = "metrics.json"  # the loss at the start and the end, and the pretrained-vs-random kNN check
@@ -37,11 +40,12 @@ def pretrain(cfg: DictConfig) -> dict:
 
 class Pretrain(Task):
     name = "pretrain"
-    outputs = (METRICS_NAME,)
+    outputs = (METRICS_NAME, *SWEEP_FILES)
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.knn_top1 = None
+        self.knn_top1 = self.probe = self.probe_top1 = self.probe_loss = None
+        self.probe_loss_sum, self.probe_batches = 0.0, 0  # the head's cross-entropy this epoch (on the device)
 
     def check(self, resuming: bool) -> None:
         resolve_data(self.cfg.data)  # bad paths fail here, before anything is built
@@ -51,24 +55,36 @@ class Pretrain(Task):
         self.train_urls, self.val_urls = resolve_data(self.cfg.data, accelerator)
         if self.cfg.data.train is None:
             log.info("no data.train given: using the synthetic demo shards %s", self.train_urls)
-        self.model = build_model(self.cfg.model, mae=True)
+        self.model = build_model(self.cfg.model, mae=True)  # the MAE: exported, checked, drawn
         log.info("model %s (%.1fM parameters)", self.cfg.model.name,
                  sum(p.numel() for p in self.model.parameters()) / 1e6)
-        return self.model
+        classes = (read_index(self.train_urls) or {}).get("num_classes")
+        if self.cfg.online_probe and classes:
+            self.probe = OnlineProbe(self.model, classes)  # trained together; the probe cannot change the MAE
+            log.info("online probe: a linear head on the masked encoder's class token, %d classes", classes)
+        return self.probe or self.model
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        return build_adamw(model, self.cfg.optim)
+        optimizer = build_adamw(self.model, self.cfg.optim)
+        if self.probe is not None:
+            for group in probe_param_groups(self.probe):
+                optimizer.add_param_group(group)
+        return optimizer
 
     def build_data(self, run: RunDir, resumed: bool) -> ShardBatches:
         self.run = run
         self.fixed = _fixed_images(self.val_urls or self.train_urls, self.cfg) if self.accelerator.is_main_process else None
         return ShardBatches(self.train_urls, self.cfg, transform_for(self.cfg, "pretrain"),
-                            accelerator=self.accelerator, labels=False)
+                            accelerator=self.accelerator, labels=self.probe is not None)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         imgs = batch["image"].to(self.accelerator.device, non_blocking=True)
-        loss, _, _ = model(imgs, mask_ratio=self.cfg.model.mask_ratio)
-        return loss
+        if self.probe is None:
+            return model(imgs, mask_ratio=self.cfg.model.mask_ratio)[0]
+        labels = batch["label"].to(self.accelerator.device, non_blocking=True)
+        loss, probe_loss = model(imgs, labels, self.cfg.model.mask_ratio)
+        self.probe_loss_sum, self.probe_batches = self.probe_loss_sum + probe_loss.detach(), self.probe_batches + 1
+        return loss + (probe_loss - probe_loss.detach())  # the MAE loss in value; both in the gradient
 
     def after_step(self, step: int, state: TrainState, *, epoch_end: bool, last: bool) -> bool:
         cfg = self.cfg
@@ -76,6 +92,18 @@ class Pretrain(Task):
             on_main_process(self.accelerator, lambda: _visualise(self.accelerator, self.model, self.fixed, cfg,
                                                                  self.run, step))
         epoch = state.epoch
+        if epoch_end and self.probe is not None:
+            mean = self.accelerator.reduce(self.probe_loss_sum / max(self.probe_batches, 1), reduction="mean")
+            self.probe_loss, self.probe_loss_sum, self.probe_batches = float(mean), 0.0, 0
+            self.accelerator.log({"train/online_probe_loss": self.probe_loss}, step=step)
+        if epoch_end and self.probe is not None and self.val_urls and _labelled(self.val_urls):
+            val = ShardBatches(self.val_urls, cfg, transform_for(cfg, "eval"), accelerator=self.accelerator,
+                               train=False)
+            probe = ProbeClassifier(self.probe, cfg.model.mask_ratio)
+            self.probe_top1 = classifier_metrics(probe, val.batches(), self.accelerator)["top1"]
+            self.accelerator.log({"val/online_probe_top1": self.probe_top1}, step=step)
+            log.info("epoch %d: online probe top-1 %.2f%% on the validation split (its training cross-entropy %.3f; "
+                     "chance: %.3f)", epoch, self.probe_top1, self.probe_loss, math.log(self.probe.head[1].out_features))
         if epoch_end and cfg.knn.every and self.val_urls and epoch % cfg.knn.every == 0:
             self.knn_top1 = knn_monitor(self.accelerator, self.model, self.train_urls, self.val_urls, cfg)
             self.accelerator.log({"val/knn_top1": self.knn_top1}, step=step)
@@ -93,11 +121,17 @@ class Pretrain(Task):
             a.log({"val/knn_top1": versus["pretrained"], "val/knn_top1_random_init": versus["random_init"]},
                   step=state.step)
         summary = {"task": "pretrain", "step": state.step, "epoch": state.epoch, "first_loss": state.first_loss,
-                   "last_loss": state.last_loss, "knn_top1": self.knn_top1, "vs_random": versus}
+                   "last_loss": state.last_loss, "knn_top1": self.knn_top1, "online_probe_top1": self.probe_top1,
+                   "online_probe_loss": self.probe_loss,
+                   "vs_random": versus}
         on_main_process(a, lambda: write_json(self.run.path / METRICS_NAME, summary))
         log.info("done: step %d, loss %s -> %s; weights exported to %s", state.step, _fmt(state.first_loss),
                  _fmt(state.last_loss), weights)
         return {**summary, "weights": str(weights)}
+
+
+def _labelled(urls: str) -> bool:
+    return bool((read_index(urls) or {}).get("num_classes"))
 
 
 def _fmt(x) -> str:
@@ -136,8 +170,7 @@ def encoder_vs_random(accelerator, model, train_urls: str, val_urls: str | None,
     something useful beats its own starting point by a wide margin. The random encoder is rebuilt with
     the run's seed, so it is exactly the run's step 0. Needs labelled train and validation shards.
     """
-    labelled = val_urls is not None and all((read_index(u) or {}).get("num_classes") for u in (train_urls, val_urls))
-    if not labelled:
+    if val_urls is None or not (_labelled(train_urls) and _labelled(val_urls)):
         log.info("no pretrained-vs-random kNN check: it needs labelled data.train and data.val shards (with index)")
         return None
     with torch.random.fork_rng(devices=[]):

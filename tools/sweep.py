@@ -1,0 +1,28 @@
+"""Which checkpoint to fine-tune: score every kept checkpoint of a pretraining run, plot it, export the best.
+
+    python tools/sweep.py --run runs/pretrain                    # the run's own data: kNN + 10-shot
+    python tools/sweep.py --run runs/mine --data 'train/shard-{000000..000009}.tar' data.val='val/*.tar'
+
+Writes sweep.json, sweep.png and best_encoder.safetensors into the run directory. Run with --help for
+every option.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from mae_vit.cli import run_tool
+from mae_vit.config import SweepConfig, parse_config
+
+
+def main(argv):
+    cfg = parse_config(SweepConfig, argv, prog="sweep.py")
+    from mae_vit.engine.build import user_set_keys  # after parsing: --help and config errors stay fast
+    from mae_vit.engine.sweep import sweep
+
+    return sweep(cfg, user_keys=user_set_keys(cfg, argv))
+
+
+if __name__ == "__main__":
+    run_tool(main)
