@@ -24,6 +24,40 @@ TINY = ["model.img_size=16", "model.embed_dim=32", "model.depth=1", "model.num_h
         "optim.epochs=2", "train.save_every=2", "train.keep_last=2", "train.vis_every=4", "knn.vs_random=false"]
 PLANNED = 8  # 64 samples / 16 = 4 steps per epoch, 2 epochs
 TRIALS = random.Random(0).sample(range(1, 70), 20)  # the K-th risky event kills the run (a full run has about 60)
+KILL_DRIVER = """'''Run pretraining and kill the process (os._exit) at the K-th risky event: an optimizer step, a rename, a delete.'''
+import os, shutil, sys
+import torch
+
+K = int(sys.argv[1])
+count = [0]
+
+def killing(fn):
+    def wrapper(*args, **kwargs):
+        count[0] += 1
+        if count[0] == K:
+            os._exit(9)
+        return fn(*args, **kwargs)
+    return wrapper
+
+os.replace = killing(os.replace)
+os.unlink = killing(os.unlink)
+shutil.rmtree = killing(shutil.rmtree)
+torch.optim.AdamW.step = killing(torch.optim.AdamW.step)
+from mae_vit.engine import rundir
+real_save = rundir.save_checkpoint
+def save_and_say(*a, **kw):
+    path = real_save(*a, **kw)
+    print(f"SAVED {path.name}", flush=True)
+    return path
+rundir.save_checkpoint = save_and_say
+import mae_vit.engine.loop as loop
+loop.save_checkpoint = save_and_say
+from mae_vit.cli import run_tool
+from mae_vit.config import PretrainConfig, parse_config
+from mae_vit.engine.pretrain import pretrain
+run_tool(lambda argv: pretrain(parse_config(PretrainConfig, argv)), sys.argv[2:])
+print("EVENTS", count[0], flush=True)
+"""
 
 
 def run(cmd):
@@ -33,7 +67,8 @@ def run(cmd):
 
 def trial(k, out, urls):
     argv = ["--output-dir", str(out), "--data", urls, *TINY]
-    killed = run([sys.executable, str(ROOT / "tests" / "kill_driver.py"), str(k), *argv])
+    driver = out.parent / "kill_driver.py"
+    killed = run([sys.executable, str(driver), str(k), *argv])
     assert killed.returncode in (9, 0), killed.stderr[-2000:]
     saved = re.findall(r"SAVED step_(\d+)", killed.stdout)
     run_dir = RunDir(out)
@@ -50,6 +85,7 @@ def trial(k, out, urls):
 @pytest.mark.slow
 def test_pretraining_killed_at_20_moments_always_finishes_and_never_loses_a_checkpoint(tmp_path):
     urls, _ = ensure_demo_shards(tmp_path / "cache", num_samples=64)
+    (tmp_path / "kill_driver.py").write_text(KILL_DRIVER)
     with ThreadPoolExecutor(max_workers=2) as pool:
         done = list(pool.map(lambda k: trial(k, tmp_path / f"run_{k}", urls), TRIALS))
     assert sorted(done) == sorted(TRIALS)

@@ -154,13 +154,13 @@ def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_f
 
 
 class Loop:
-    """The state of one training loop: `run` is the loop; `save` and `log` the two things it calls."""
+    """The state of one training loop: `run` is the loop; `save`, `log` and `fit_budget` are what it calls."""
 
     def __init__(self, cfg, task, accelerator, model, optimizer, plan: Plan, state: TrainState, run: RunDir,
                  last_ckpt):
         self.t, self.clip_grad = cfg.train, cfg.optim.clip_grad
         self.budget = seconds(cfg.optim.time_budget) if cfg.optim.time_budget else None
-        self.t_budget_text = cfg.optim.time_budget
+        self.budget_text = cfg.optim.time_budget
         self.task, self.accelerator, self.model, self.optimizer = task, accelerator, model, optimizer
         self.plan, self.state, self.run_dir = plan, state, run
         self.last_ckpt, self.saved_step = last_ckpt, (state.step if last_ckpt else None)
@@ -227,7 +227,7 @@ class Loop:
                                         warmup_steps=min(self.plan.warmup_steps, total))
         bar.total = self.plan.last_step
         log.info("time budget %s: %.3f s per step measured -> %d steps in all (%.2f epochs); the schedule ends at "
-                 "step %d", self.t_budget_text, step_s, total, total / self.plan.steps_per_epoch, total)
+                 "step %d", self.budget_text, step_s, total, total / self.plan.steps_per_epoch, total)
         return self.plan
 
     def save(self) -> None:
