@@ -83,6 +83,8 @@ class LinprobeConfig:
     train: ClassifyRunConfig = section(ClassifyRunConfig, output_dir="runs/linprobe")
     checkpoint: Optional[str] = key(None, "pretrained weights whose features are probed")
     feature_cache: bool = key(False, "extract features once (no augmentation) and train on the cache")
+    probe_sweep: bool = key(True, "with feature_cache: also train 15 heads (lr x weight decay) on the cache at once, "
+                            "choose one on a held-out tenth of the training set, report its val top-1")
 
 
 METRICS = ("top1", "knn", "fewshot")

@@ -121,6 +121,9 @@ def test_feature_cache_run_gives_metrics_and_is_reused_on_resume(shards, tmp_pat
     assert metrics["final"]["n"] == 16 and metrics["final"]["step"] == 24 and metrics["final"]["epoch"] == 6
     assert 0 <= metrics["best"]["top1"] <= 100 and metrics["best"]["top1"] >= metrics["final"]["top1"]
     assert read_state(RunDir(out).latest()).best["top1"] == metrics["best"]["top1"]
+    sweep = metrics["probe_sweep"]  # 15 heads on the same cached features: 58 fit, 6 held out of the 64
+    assert len(sweep["heads"]) == 15 and (sweep["fit"], sweep["holdout"]) == (58, 6) and "probe sweep: 15 heads" in err
+    assert sweep["chosen"] == max(sweep["heads"], key=lambda h: h["heldout_top1"]) and 0 <= sweep["test_top1"] <= 100
     exported = load_file(str(out / "model.safetensors"))
     assert torch.equal(exported["blocks.0.attn.qkv.weight"], load_file(str(mae16))["blocks.0.attn.qkv.weight"])
 
@@ -161,3 +164,20 @@ def test_overwrite_deletes_the_probe_outputs_and_a_refusal_keeps_them(shards, tm
     assert all((out / name).exists() for name in names)
     assert run.prepare(cfg_for(out, shards, "train.resume=false", "train.overwrite=true"), is_main=True) is None
     assert not any((out / name).exists() for name in names)
+
+
+def test_the_probe_sweep_chooses_on_the_held_out_training_slice_never_on_the_test_set():
+    from mae_vit.eval.probe_sweep import LRS, WEIGHT_DECAYS, probe_sweep
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 2
+    train_y, test_y = torch.randint(0, 4, (400,), generator=g), torch.randint(0, 4, (100,), generator=g)
+    train_x = centres[train_y] + torch.randn(400, 16, generator=g)
+    test_x = centres[test_y] + torch.randn(100, 16, generator=g)
+    result = probe_sweep(train_x, train_y, test_x, test_y, num_classes=4, epochs=5)
+    assert len(result["heads"]) == len(LRS) * len(WEIGHT_DECAYS) and (result["fit"], result["holdout"]) == (360, 40)
+    assert result["chosen"] == max(result["heads"], key=lambda h: h["heldout_top1"])
+    assert result["test_top1"] > 80  # well-separated classes: the chosen head is good (chance: 25%)
+    shuffled = probe_sweep(train_x, train_y, test_x, test_y[torch.randperm(100, generator=g)], num_classes=4, epochs=5)
+    assert shuffled["chosen"] == result["chosen"]  # the test labels play no part in the choice
+    assert shuffled["test_top1"] < 50

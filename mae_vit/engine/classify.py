@@ -67,6 +67,10 @@ class ClassifierTask(Task):
     def criterion(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets)
 
+    def extra_results(self) -> dict:
+        """Further results for metrics.json, worked out at the end (linear probing's probe sweep)."""
+        return {}
+
     # ---- what the loop calls ----
 
     def check(self, resuming: bool) -> None:
@@ -131,7 +135,7 @@ class ClassifierTask(Task):
         weights, metrics_file = self.run.path / EXPORT_NAME, self.run.path / METRICS_NAME
         summary = {"task": self.name, "step": state.step, "epoch": state.epoch, "num_classes": self.num_classes,
                    "img_size": self.img_size, "train_loss": state.last_loss, "final": state.last_eval,
-                   "best": state.best}
+                   "best": state.best, **self.extra_results()}
         on_main_process(self.accelerator, lambda: (export_safetensors(self.classifier, weights),
                                                    write_json(metrics_file, summary)))
         if state.last_eval is not None:

@@ -25,6 +25,7 @@ from torch import nn
 from ..checkpoint import LoadReport, load_weights
 from ..errors import ConfigError
 from ..eval.features import extract_features
+from ..eval.probe_sweep import probe_sweep
 from ..files import write_atomic
 from .batches import ShardBatches, TensorBatches, transform_for
 from .build import build_model, check_encoder_loaded
@@ -137,11 +138,24 @@ class Linprobe(ClassifierTask):
         path = self.run.path / FEATURES_NAME
         cache = cached_features(self.model, a, plain, val, meta=self._cache_meta(), path=path, reuse=resumed)
         self.model.on_features = True
+        self.cache = cache
         options = dict(batch_size=cfg.data.batch_size, rank=a.process_index, world_size=a.num_processes)
         train = TensorBatches(*cache["train"], seed=cfg.train.seed, **options)
         if cache["val"] is not None:
             val = TensorBatches(*cache["val"], train=False, **options)
         return train, val
+
+    def extra_results(self) -> dict:
+        cache = getattr(self, "cache", None)
+        if not (self.cfg.probe_sweep and cache and cache["val"] is not None):
+            return {}
+        result = probe_sweep(*cache["train"], *cache["val"], num_classes=self.num_classes, seed=self.cfg.train.seed)
+        chosen = result["chosen"]
+        log.info("probe sweep: %d heads (lr x weight decay) trained on %d cached training features; chosen on the "
+                 "held-out %d: lr %g, weight decay %g (held-out top-1 %.2f%%) -> val top-1 %.2f%%",
+                 len(result["heads"]), result["fit"], result["holdout"], chosen["lr"], chosen["weight_decay"],
+                 chosen["heldout_top1"], result["test_top1"])
+        return {"probe_sweep": result}
 
     def _cache_meta(self) -> dict:
         """What the cached features depend on: a cache made for other values is not reused."""
