@@ -63,7 +63,7 @@ def _summarise(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
-def _find_in_run_dir(path: Path) -> Path:
+def weights_in_run_dir(path: Path) -> Path:
     """A run directory -> its exported weights, else the model file of its newest checkpoint."""
     export = path / EXPORT_NAME
     if export.is_file():
@@ -89,7 +89,7 @@ def read_file(path: str | os.PathLike) -> dict:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (a file or a run directory).")
     if path.is_dir():
-        path = _find_in_run_dir(path)
+        path = weights_in_run_dir(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path), device="cpu")

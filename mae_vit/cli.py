@@ -233,7 +233,7 @@ TRUST_FLAGS = {
 
 def _check_trust(cfg: DictConfig, allowed: set) -> None:
     """ConfigError for a `pipe:` URL without --allow-shell or an ${oc.env:...} value without --allow-env."""
-    for path, value in _flat_values(OmegaConf.to_container(cfg, resolve=False)):
+    for path, value in flat_dict(OmegaConf.to_container(cfg, resolve=False)).items():
         if not isinstance(value, str):
             continue
         if "${oc.env:" in value.replace(" ", "") and "--allow-env" not in allowed:
@@ -248,12 +248,15 @@ def _check_trust(cfg: DictConfig, allowed: set) -> None:
             f"could run anything). If you trust it, add {flag} to the command line.")
 
 
-def _flat_values(tree: dict, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+def flat_dict(tree: dict, prefix: str = "") -> Dict[str, Any]:
+    """A nested config as {dotted key: value}."""
+    out: Dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            yield from _flat_values(value, f"{prefix}{key}.")
+            out.update(flat_dict(value, f"{prefix}{key}."))
         else:
-            yield f"{prefix}{key}", value
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _split_argv(argv: List[str], flags: Dict[str, Tuple[str, str]]) -> Tuple[List[str], List[Tuple[str, str, str]]]:

@@ -19,7 +19,7 @@ from mae_vit.schema import (AT_LEAST_0, NAME, POSITIVE, POSITIVE_OR_NULL, UNIT, 
                             validate_config)
 
 __all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "FinetuneConfig", "LinprobeConfig", "MakeShardsConfig",
-           "PretrainConfig", "SweepConfig", "VisualizeConfig", "format_help", "parse_config", "save_config", "validate_config"]
+           "PretrainConfig", "ReportConfig", "SweepConfig", "VisualizeConfig", "format_help", "parse_config", "save_config", "validate_config"]
 
 _TRAIN_FLAGS = {"--output-dir": ("train.output_dir", "DIR"), "--data": ("data.train", "URLS")}
 _TOOL_FLAGS = {"--output-dir": ("output_dir", "DIR"), "--data": ("data.train", "URLS"),
@@ -115,6 +115,14 @@ class SweepConfig:
     knn: KnnConfig = section(KnnConfig)
     fewshot: FewShotConfig = section(FewShotConfig, shots=[10])
     run: str = key("runs/pretrain", "the pretraining run directory whose checkpoints are scored")
+
+
+@dataclass
+class ReportConfig:
+    """A Markdown report of run directories (given first on the command line): lineage, metrics, curves."""
+
+    FLAGS: Flags = {"--output-dir": ("output_dir", "DIR")}
+    output_dir: str = key("runs/report", "report.md and the curves are written here")
 
 
 @dataclass

@@ -49,7 +49,7 @@ class ClassifierTask(Task):
 
     def __init__(self, cfg: DictConfig, img_size: int):
         self.cfg, self.img_size = cfg, img_size
-        self.checkpoint = cfg.checkpoint
+        self.checkpoint = self.parent = cfg.checkpoint
         self.pretrained = None
 
     def make_model(self, num_classes: int, pretrained: dict | None) -> tuple[nn.Module, nn.Module]:

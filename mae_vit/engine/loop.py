@@ -27,8 +27,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteLossError, StoppedBySignal
+from ..files import write_json
 from .batches import step_batches
 from .build import make_accelerator
+from .lineage import LINEAGE_NAME, lineage
 from .monitor import NonFiniteGuard, StopSignal, TrainMeter, on_main_process, setup_logging
 from .optim import set_lr
 from .rundir import RunDir, TrainState, read_state, save_checkpoint
@@ -46,6 +48,9 @@ class Task:
 
     name = "train"
     outputs: tuple[str, ...] = ()  # files it writes into the run directory (deleted by an overwrite)
+    parent: str | None = None      # the checkpoint it starts from (lineage.json)
+    train_urls: str | None = None  # the data it reads, set by build_model (lineage.json)
+    val_urls: str | None = None
 
     def check(self, resuming: bool) -> None:
         """Read what can be wrong (data paths, a pretrained checkpoint) before anything is written."""
@@ -95,7 +100,7 @@ def train(cfg: DictConfig, task: Task) -> dict:
                      max_steps=t.max_steps, samples_per_epoch=state.samples_per_epoch,
                      samples_seen=state.samples_seen, batches_per_epoch=lambda: data.batches_per_epoch(0),
                      total_steps=state.budget and state.budget["steps"])
-    _start(cfg, plan, state, accelerator, resume_from, run)
+    _start(cfg, plan, state, accelerator, resume_from, run, task)
     loop = Loop(cfg, task, accelerator, model, optimizer, plan, state, run, last_ckpt=resume_from)
     loop.started = started  # a time budget counts from here
     if run_recovering(loop, data, retries=t.nan_retries):
@@ -131,13 +136,15 @@ def run_recovering(loop: "Loop", data, retries: int) -> bool:
             loop.meter = TrainMeter(loop.accelerator.device)
 
 
-def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_from, run: RunDir) -> None:
+def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_from, run: RunDir, task: Task) -> None:
     """Fix the run's epoch on a fresh start, note a new process layout, save the config, say what runs."""
     d, world = cfg.data, accelerator.num_processes
     layout = {"processes": world, "batch_size": d.batch_size, "accumulation": plan.accum, "num_workers": d.num_workers}
     if resume_from is None:
         state.samples_per_epoch = plan.steps_per_epoch * plan.effective_batch
         log.info("starting a new run in %s", run.path)
+        record = lineage(cfg, task.name, task.parent, {"train": task.train_urls, "val": task.val_urls})
+        on_main_process(accelerator, lambda: write_json(run.path / LINEAGE_NAME, record))
     else:
         log.info("resuming from %s (step %d, epoch %d, %d samples seen)", resume_from, state.step, state.epoch,
                  state.samples_seen)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..cli import flat_dict
 from ..config import save_config
 from ..errors import CheckpointError, ConfigError
 from ..files import fsync_dir, write_json
@@ -167,7 +168,7 @@ class RunDir:
             shutil.rmtree(p, ignore_errors=True)
         for p in [*self.logs.rglob("events.out.tfevents.*"), *(self.path / "reconstructions").glob("step_*.png")]:
             p.unlink(missing_ok=True)
-        for name in ("model.safetensors", "config.yaml", *self.outputs):
+        for name in ("model.safetensors", "config.yaml", "lineage.json", *self.outputs):
             (self.path / name).unlink(missing_ok=True)
         log.info("train.overwrite=true: deleted the earlier run's files in %s", self.path)
 
@@ -175,8 +176,8 @@ class RunDir:
         """Refuse a resume whose config changes the weights' shapes; log every other change."""
         if not self.config_file.is_file():
             return
-        before = _flat(OmegaConf.to_container(OmegaConf.load(self.config_file)))
-        now = _flat(OmegaConf.to_container(cfg))
+        before = flat_dict(OmegaConf.to_container(OmegaConf.load(self.config_file)))
+        now = flat_dict(OmegaConf.to_container(cfg))
         for flat in (before, now):  # fine-tuning: no --resolution means the model's own size
             if flat.get("resolution", 0) is None:
                 flat["resolution"] = flat.get("model.img_size")
@@ -194,16 +195,6 @@ class RunDir:
 
     def save_config(self, cfg: DictConfig) -> None:
         save_config(cfg, self.config_file)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _text(value) -> str:

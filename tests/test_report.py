@@ -1,0 +1,44 @@
+"""Lineage and the run report: the report names the real parent checkpoint by its sha256."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mae_vit.data import ensure_demo_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = ["model.img_size=16", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "data.batch_size=16",
+        "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0", "train.log_every=2"]
+
+
+def tool(name, *argv):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / name), *argv], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_lineage_follows_pretrain_to_finetune_and_the_report_names_the_parent_hash(tmp_path):
+    train, val = ensure_demo_shards(tmp_path / "cache", num_samples=64)
+    pre, fin = tmp_path / "pretrain", tmp_path / "finetune"
+    tool("pretrain.py", "--output-dir", str(pre), "--data", train, f"data.val={val}", *SIZE, "model.decoder_embed_dim=32",
+         "model.decoder_depth=1", "model.decoder_num_heads=2", "knn.vs_random=false")
+    tool("finetune.py", "--output-dir", str(fin), "--data", train, f"data.val={val}", *SIZE, "--checkpoint", str(pre))
+    parent_hash = hashlib.sha256((pre / "model.safetensors").read_bytes()).hexdigest()
+
+    first, second = (json.loads((run / "lineage.json").read_text()) for run in (pre, fin))
+    assert first["task"] == "pretrain" and first["parent"] is None and first["data"]["train"]["index_sha256"]
+    assert first["changes"]["optim.epochs"] == 1 and first["versions"]["torch"]
+    assert second["parent"] == {"path": str(pre / "model.safetensors"), "sha256": parent_hash, "run": str(pre)}
+
+    out = tmp_path / "report"
+    tool("report.py", str(pre), str(fin), "--output-dir", str(out))
+    report = (out / "report.md").read_text()
+    assert f"`{fin}` (finetune) <- `{pre / 'model.safetensors'}` (sha256 `{parent_hash}`)" in report
+    assert f"`{pre}` (pretrain, from scratch)" in report
+    assert sorted(p.name for p in out.glob("*.png")) == ["00_pretrain_curves.png", "01_finetune_curves.png"]
