@@ -18,7 +18,7 @@ from mae_vit.schema import (AT_LEAST_0, NAME, POSITIVE, POSITIVE_OR_NULL, UNIT, 
                             PretrainRunConfig, ProbeModelConfig, TrainDataConfig, _range, key, one_of,
                             validate_config)
 
-__all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "FinetuneConfig", "LinprobeConfig", "MakeShardsConfig",
+__all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "ExportHfConfig", "FinetuneConfig", "LinprobeConfig", "MakeShardsConfig",
            "PretrainConfig", "ReportConfig", "SweepConfig", "VisualizeConfig", "format_help", "parse_config", "save_config", "validate_config"]
 
 _TRAIN_FLAGS = {"--output-dir": ("train.output_dir", "DIR"), "--data": ("data.train", "URLS")}
@@ -115,6 +115,16 @@ class SweepConfig:
     knn: KnnConfig = section(KnnConfig)
     fewshot: FewShotConfig = section(FewShotConfig, shots=[10])
     run: str = key("runs/pretrain", "the pretraining run directory whose checkpoints are scored")
+
+
+@dataclass
+class ExportHfConfig:
+    """Export a checkpoint to the Hugging Face transformers layout (config.json + model.safetensors)."""
+
+    FLAGS: Flags = {"--checkpoint": ("checkpoint", "PATH"), "--output-dir": ("output_dir", "DIR")}
+    model: ModelConfig = section(ModelConfig)
+    checkpoint: Optional[str] = key(None, "the weights to export (a run directory or a weights file)")
+    output_dir: str = key("runs/hf", "the folder transformers' from_pretrained loads")
 
 
 @dataclass
