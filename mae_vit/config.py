@@ -166,6 +166,7 @@ class MakeShardsConfig:
     num_classes: int = key(10, "synthetic: number of classes", POSITIVE)
     img_size: int = key(32, "synthetic: image size in pixels", POSITIVE)
     seed: int = key(0, "synthetic: random seed")
+    stats: bool = key(True, "record per-channel mean/std, image sizes, duplicates and unreadable files in the index")
 
 
 @dataclass

@@ -252,3 +252,19 @@ def test_an_overwrite_killed_midway_is_refused_by_the_reader_and_finished_by_the
     index = write_shards(synthetic_samples(300, img_size=8, seed=1), out, samples_per_shard=50, progress=False)
     assert index["num_samples"] == 300 and not (out / "shard-INCOMPLETE").exists()
     assert sum(len(b["key"]) for b in make_loader(urls, batch_size=10, drop_last=False)) == 300
+
+
+def test_the_index_records_the_statistics_the_reader_will_see_as_numpy_computes_them(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = [rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(3)]
+    deep = (np.linspace(0, 65535, 20).reshape(4, 5)).astype(np.uint16)  # a 16-bit grey image: scaled, not clipped
+    samples = [(f"k{i}", Image.fromarray(a), None) for i, a in enumerate(rgb)]
+    samples += [("k3", Image.fromarray(rgb[0]), None), ("k4", Image.fromarray(deep), None)]  # k3: a duplicate
+    stats = write_shards(samples, tmp_path / "s", progress=False, unreadable=["bad.png"])["stats"]
+    grey_of_deep = np.round(deep.astype(np.float64) * 255 / 65535)
+    pixels = np.concatenate([a.reshape(-1, 3) for a in (*rgb, rgb[0])] + [np.repeat(grey_of_deep.reshape(-1, 1), 3, 1)])
+    pixels = pixels / 255.0
+    np.testing.assert_allclose(stats["rgb"]["mean"], pixels.mean(0), atol=1e-6)
+    np.testing.assert_allclose(stats["rgb"]["std"], pixels.std(0), atol=1e-6)
+    assert (stats["images"], stats["duplicates"], stats["unreadable"]) == (5, 1, 1)
+    assert stats["sizes"] == {"5x6": 4, "5x4": 1}

@@ -38,9 +38,15 @@ def main(argv):
         num_classes=cfg.num_classes,
         img_size=cfg.img_size,
         seed=cfg.seed,
+        stats=cfg.stats,
     )
     classes = f", {index['num_classes']} classes" if index["num_classes"] else ", unlabeled"
     print(f"wrote {index['num_samples']} samples in {len(index['shards'])} shards{classes}", file=sys.stderr)
+    if index.get("stats"):
+        s = index["stats"]
+        print(f"statistics: RGB mean {s['rgb']['mean']} std {s['rgb']['std']}; grey mean {s['grey']['mean']} std "
+              f"{s['grey']['std']}; {s['duplicates']} duplicate(s), {s['unreadable'] or 0} unreadable file(s) skipped; "
+              f"sizes {s['sizes']}", file=sys.stderr)
     print(urls)
     return index
 

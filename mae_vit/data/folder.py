@@ -71,10 +71,12 @@ def _safe_key_part(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:64]
 
 
-def folder_samples(files: list[tuple[Path, int | None]], *, seed: int = 0, shuffle: bool = True):
+def folder_samples(files: list[tuple[Path, int | None]], *, seed: int = 0, shuffle: bool = True,
+                   unreadable: list | None = None):
     """Yield `(key, (bytes, ext), label)` for the shard writer, in a seeded random order.
 
     key = 8-digit position in the written order + '_' + the sanitised file stem (unique, and traceable).
+    Unreadable files are skipped with a warning and, when `unreadable` is a list, appended to it.
     """
     order = list(files)
     if shuffle:
@@ -91,5 +93,7 @@ def folder_samples(files: list[tuple[Path, int | None]], *, seed: int = 0, shuff
                     data, ext = buffer.getvalue(), "png"
         except Exception as exc:  # PIL raises many types for bad files
             log.warning("skipping unreadable image %s: %s", path, exc)
+            if unreadable is not None:
+                unreadable.append(str(path))
             continue
         yield f"{position:08d}_{_safe_key_part(path)}", (data, ext), label

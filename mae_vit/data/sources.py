@@ -32,6 +32,7 @@ class SampleSource:
     num_classes: int | None
     class_names: list[str] | None
     description: str
+    unreadable: list | None = None  # the images the source had to skip, filled while `samples` is read
 
 
 def open_source(
@@ -68,10 +69,12 @@ def open_source(
     if (path / split).is_dir() and subfolders <= SPLIT_NAMES:
         path = path / split
     files, class_names = folder.scan_image_folder(path)
-    samples = folder.folder_samples(files, seed=seed)
+    unreadable: list = []
+    samples = folder.folder_samples(files, seed=seed, unreadable=unreadable)
     labelled = "unlabeled" if class_names is None else f"{len(class_names)} classes"
     desc = f"image folder {path} ({len(files)} files, {labelled})"
-    return SampleSource(samples, len(files), len(class_names) if class_names else None, class_names, desc)
+    return SampleSource(samples, len(files), len(class_names) if class_names else None, class_names, desc,
+                        unreadable)
 
 
 def _fashion_mnist_source(location, split: str) -> SampleSource:

@@ -35,6 +35,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from mae_vit.data.stats import ImageStats
 from mae_vit.data.transforms import to_8bit
 from mae_vit.files import write_json, write_text
 from mae_vit.data.sources import open_source
@@ -179,11 +180,15 @@ def write_shards(
     num_classes: int | None = None,
     class_names: list[str] | None = None,
     total: int | None = None,
+    stats: bool = True,
+    unreadable: list | None = None,
 ) -> dict:
     """Write `(key, image or (bytes, ext), label or None)` samples as shards + index; returns the index dict.
 
     `num_classes` (or `len(class_names)`) is recorded in the index and bounds the labels; when neither is
     given and samples are labelled, the index records max label + 1. `total` sizes the progress bar.
+    `stats` records the data set's statistics in the index (`data/stats.py`); `unreadable`, a list the
+    source fills with the images it had to skip, is counted there too.
     """
     samples_per_shard, max_shard_bytes = _check_limits(samples_per_shard, max_shard_bytes)
     if not prefix or "/" in prefix or prefix.startswith("."):
@@ -207,6 +212,7 @@ def write_shards(
         )
 
     shards: list[_PartialShard] = []
+    statistics = ImageStats() if stats else None
     class_counts: dict[int, int] = {}
     labelled = unlabelled = 0
     bar = tqdm(total=total, desc=f"writing {output_dir}", unit="samples", disable=None if progress else True)
@@ -221,6 +227,8 @@ def write_shards(
             previous_key = key
             label = _check_label(key, label, num_classes)
             data, ext = _encode_image(image)
+            if statistics is not None:
+                statistics.add(data)
             members = [(_tar_info(f"{key}.{ext}", len(data)), data)]
             if label is not None:
                 text = str(label).encode()
@@ -251,7 +259,10 @@ def write_shards(
             raise DataError(f"No samples to write to {output_dir}: the source yielded nothing.")
         for shard in shards:
             shard.close()
-        index = _commit(shards, output_dir, prefix, class_counts, num_classes, class_names, labelled > 0)
+        summary = statistics.result() if statistics is not None else None
+        if summary is not None:
+            summary["unreadable"] = len(unreadable) if unreadable is not None else None
+        index = _commit(shards, output_dir, prefix, class_counts, num_classes, class_names, labelled > 0, summary)
     finally:
         bar.close()
         for shard in shards:
@@ -260,7 +271,7 @@ def write_shards(
     return index
 
 
-def _commit(shards, output_dir: Path, prefix: str, class_counts, num_classes, class_names, labelled):
+def _commit(shards, output_dir: Path, prefix: str, class_counts, num_classes, class_names, labelled, stats):
     """Rename the finished temporaries into place, drop stale shards (overwrite) and write the index last."""
     marker = incomplete_marker(output_dir, prefix)
     write_text(marker, "make_shards was changing these shards; if this file is still here, it was interrupted\n")
@@ -280,6 +291,7 @@ def _commit(shards, output_dir: Path, prefix: str, class_counts, num_classes, cl
         "num_classes": num_classes if labelled else None,
         "class_counts": {str(k): class_counts[k] for k in sorted(class_counts)},
         "class_names": list(class_names) if (labelled and class_names is not None) else None,
+        "stats": stats,
     }
     write_json(output_dir / index_name(prefix), index)
     marker.unlink()
@@ -297,5 +309,6 @@ def make_shards(source: str, output_dir: str | Path, *, split: str = "train", nu
     )
     log.info("writing %s to %s", resolved.description, output_dir)
     index = write_shards(resolved.samples, output_dir, num_classes=resolved.num_classes,
-                         class_names=resolved.class_names, total=resolved.total, **write_options)
+                         class_names=resolved.class_names, total=resolved.total, unreadable=resolved.unreadable,
+                         **write_options)
     return index, shard_urls(output_dir, write_options.get("prefix", "shard"), len(index["shards"]))

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from ..data import read_index
 from ..errors import NonFiniteLossError, StoppedBySignal
 from ..files import write_json
 from .batches import step_batches
@@ -154,10 +155,23 @@ def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_f
                         state.layout, layout)
     state.step, state.layout = plan.first_step, layout
     on_main_process(accelerator, lambda: run.save_config(cfg))
+    _mention_data_stats(cfg, task.train_urls)
     accelerator.init_trackers("logs")
     log.info("%d process(es) x batch %d x %d accumulation = effective batch %d, peak lr %.3g, %d steps/epoch, %d steps "
              "in all", world, d.batch_size, plan.accum, plan.effective_batch, plan.peak_lr, plan.steps_per_epoch,
              plan.total_steps)
+
+
+def _mention_data_stats(cfg: DictConfig, urls: str | None) -> None:
+    """Say so when the shards' own statistics (make_shards records them) differ from data.mean / data.std."""
+    stats = ((read_index(urls) if urls else None) or {}).get("stats")
+    if not stats:
+        return
+    own = stats["grey" if cfg.model.in_chans == 1 else "rgb"]
+    if any(abs(a - b) > 0.01 for a, b in zip([*own["mean"], *own["std"]], [*cfg.data.mean, *cfg.data.std])):
+        log.info("the training shards' own statistics are mean %s std %s (data.mean %s, data.std %s are used); to "
+                 "normalise with them: data.mean=%s data.std=%s", own["mean"], own["std"], list(cfg.data.mean),
+                 list(cfg.data.std), own["mean"], own["std"])
 
 
 class Loop:
