@@ -26,6 +26,7 @@ from mae_vit.errors import EXIT_STOPPED, ConfigError, NonFiniteLossError, Stoppe
 from mae_vit.files import write_text
 from mae_vit.paths import expand_path, resolve_paths
 from mae_vit.schema import format_value, leaf_fields, quote, validate_config
+from mae_vit.trust import TRUST_FLAGS, check_trust
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +216,7 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
             _set(cfg, schema_cls, key, value, f"in config file '{path}'")
     for key, text, source in overrides:
         _set(cfg, schema_cls, key, _typed_value(text, key, leaves), source)
-    _check_trust(cfg, allowed)
+    check_trust(cfg, allowed)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
@@ -223,40 +224,6 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
     resolve_paths(cfg)  # `~`, $VARS, relative paths: absolute before anything reads or writes them
     validate_config(cfg)
     return cfg
-
-
-TRUST_FLAGS = {
-    "--allow-shell": "a `pipe:` data URL runs a shell command",
-    "--allow-env": "an ${oc.env:...} value copies an environment variable into the run's config.yaml",
-}
-
-
-def _check_trust(cfg: DictConfig, allowed: set) -> None:
-    """ConfigError for a `pipe:` URL without --allow-shell or an ${oc.env:...} value without --allow-env."""
-    for path, value in flat_dict(OmegaConf.to_container(cfg, resolve=False)).items():
-        if not isinstance(value, str):
-            continue
-        if "${oc.env:" in value.replace(" ", "") and "--allow-env" not in allowed:
-            flag = "--allow-env"
-        elif path in ("data.train", "data.val") and any(
-                part.strip().startswith("pipe:") for part in value.split("::")) and "--allow-shell" not in allowed:
-            flag = "--allow-shell"
-        else:
-            continue
-        raise ConfigError(
-            f"'{path}' is {value!r}: {TRUST_FLAGS[flag]}, which a config file alone may not do (a shared recipe "
-            f"could run anything). If you trust it, add {flag} to the command line.")
-
-
-def flat_dict(tree: dict, prefix: str = "") -> Dict[str, Any]:
-    """A nested config as {dotted key: value}."""
-    out: Dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_dict(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _split_argv(argv: List[str], flags: Dict[str, Tuple[str, str]]) -> Tuple[List[str], List[Tuple[str, str, str]]]:

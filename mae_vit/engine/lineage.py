@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import weights_in_run_dir
-from ..cli import flat_dict
+from ..trust import flat_dict
 from ..paths import resolve_paths
 from ..data.urls import expand_urls, is_remote, local_path
 from .build import find_run_config

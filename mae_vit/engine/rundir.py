@@ -32,7 +32,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..cli import flat_dict
+from ..trust import flat_dict
 from ..config import save_config
 from ..errors import CheckpointError, ConfigError
 from ..files import fsync_dir, write_json
