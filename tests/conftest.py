@@ -18,3 +18,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tool(name: str, *argv: str):
+    """Run tools/<name> as a user would (a fresh interpreter); fail the test with its stderr unless it exits 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "tools" / name
+    result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -2,24 +2,14 @@
 
 import hashlib
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import tool
 
 from mae_vit.data import ensure_demo_shards
 
-ROOT = Path(__file__).resolve().parent.parent
 SIZE = ["model.img_size=16", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "data.batch_size=16",
         "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0", "train.log_every=2"]
-
-
-def tool(name, *argv):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / name), *argv], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.slow

@@ -1,28 +1,18 @@
 """The checkpoint sweep scores every kept checkpoint and exports the one with the best kNN top-1."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import tool
 import torch
 from safetensors.torch import load_file
 
 from mae_vit.checkpoint import read_file, to_state_dict
 from mae_vit.data import ensure_demo_shards
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.img_size=16", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.decoder_embed_dim=32",
         "model.decoder_depth=1", "model.decoder_num_heads=2", "data.batch_size=16", "data.num_workers=0",
         "optim.warmup_epochs=0", "train.vis_every=1000", "knn.vs_random=false"]
-
-
-def tool(name, *argv):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / name), *argv], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.mark.slow

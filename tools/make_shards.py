@@ -45,7 +45,8 @@ def main(argv):
     if index.get("stats"):
         s = index["stats"]
         print(f"statistics: RGB mean {s['rgb']['mean']} std {s['rgb']['std']}; grey mean {s['grey']['mean']} std "
-              f"{s['grey']['std']}; {s['duplicates']} duplicate(s), {s['unreadable'] or 0} unreadable file(s) skipped; "
+              f"{s['grey']['std']}; {s['duplicates']} duplicate(s), {s['undecodable']} undecodable, "
+              f"{s['unreadable'] or 0} unreadable file(s) skipped; "
               f"sizes {s['sizes']}", file=sys.stderr)
     print(urls)
     return index
