@@ -268,3 +268,5 @@ def test_the_index_records_the_statistics_the_reader_will_see_as_numpy_computes_
     np.testing.assert_allclose(stats["rgb"]["std"], pixels.std(0), atol=1e-6)
     assert (stats["images"], stats["duplicates"], stats["unreadable"]) == (5, 1, 1)
     assert stats["sizes"] == {"5x6": 4, "5x4": 1}
+    from mae_vit.data import read_index
+    assert read_index(shard_urls(tmp_path / "s", "shard", 1))["stats"] == stats  # what the training tools read

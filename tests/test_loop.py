@@ -187,3 +187,10 @@ def test_a_time_budget_fixes_the_steps_so_that_they_fit_the_measured_step_time(s
     assert lr[budget["steps"]] < 0.01 * max(lr.values())  # the cosine ended with the budget
     again = pretrain(parse_config(PretrainConfig, argv))  # a re-run keeps the fixed length: nothing left to do
     assert again["step"] == budget["steps"] and read_state(RunDir(out).latest()).budget == budget
+
+
+def test_a_run_says_when_the_shards_own_statistics_differ_from_data_mean_and_std(shards, tmp_path, capsys):
+    argv = ["--output-dir", str(tmp_path / "run"), "--data", shards[0], *MAE, "data.batch_size=16", "train.max_steps=1"]
+    pretrain(parse_config(PretrainConfig, argv))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the training shards' own statistics are mean [0." in err and "to normalise with them: data.mean=[" in err

@@ -112,8 +112,9 @@ def read_index(urls: str | list[str]) -> dict | None:
     `urls` is a spec (expanded here) or a list of already expanded URLs (as `expand_urls` returns).
 
     Returns `{"shards": {url: num_samples, ...} (in the given order), "num_samples": total,
-    "num_classes": K or None, "class_names": [...] or None}`. Shards from several folders or prefixes
-    are merged (num_classes: the largest; class_names only if all agree).
+    "num_classes": K or None, "class_names": [...] or None, "stats": {...} or None}`. Shards from several
+    folders or prefixes are merged (num_classes: the largest; class_names only if all agree; stats only
+    for one data set).
     """
     url_list = expand_urls(urls) if isinstance(urls, str) else list(urls)
     cache: dict[Path, dict | None] = {}
@@ -140,6 +141,7 @@ def read_index(urls: str | list[str]) -> dict | None:
         "num_samples": sum(counts.values()),
         "num_classes": max(class_counts) if class_counts and None not in class_counts else None,
         "class_names": names[0] if names and all(n == names[0] for n in names) else None,
+        "stats": used[0].get("stats") if len(used) == 1 else None,  # statistics of one data set (make_shards)
     }
 
 
