@@ -108,11 +108,6 @@ class Plan:
     last_step: int
     first_step: int
 
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        """Micro-batches each process takes per epoch."""
-        return self.steps_per_epoch * self.accum
-
     def lr(self, step: int) -> float:
         """The lr of optimizer step `step` (1-based: the first step uses the schedule's value at 0)."""
         return lr_at(step - 1, peak_lr=self.peak_lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
