@@ -170,6 +170,7 @@ class AdamWConfig(OptimConfig):
     """AdamW and lr schedule"""
     betas: List[float] = key([0.9, 0.95], "AdamW betas", _range(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
                                                                 "two numbers in [0, 1)"))
+    fused: bool = key(True, "torch's fused AdamW kernel (one pass over all parameters); false = its foreach kernel")
 
 
 @dataclass
@@ -192,7 +193,11 @@ class TrainConfig:
     resume: bool = key(True, "continue from the newest good checkpoint in output_dir")
     overwrite: bool = key(False, "allow starting over in a non-empty output_dir (with resume=false)")
     seed: int = key(0, "random seed")
-    mixed_precision: str = key("no", "no | fp16 | bf16", one_of("no", "fp16", "bf16"))
+    mixed_precision: str = key("auto", "auto (bf16 on a GPU that has it, else no) | no | fp16 | bf16 (also on a CPU: "
+                               "fast where it has AMX)", one_of("auto", "no", "fp16", "bf16"))
+    compile: bool = key(False, "torch.compile the model (minutes of compilation first; falls back to eager with a "
+                        "log line where torch cannot compile)")
+    tf32: bool = key(True, "on a GPU, fp32 matmuls use TensorFloat-32 (Ampere and newer; no effect on a CPU)")
     max_steps: Optional[int] = key(None, "stop after this many optimizer steps (the schedule still spans epochs)",
                                    POSITIVE_OR_NULL)
     save_every: int = key(500, "optimizer steps between checkpoints", POSITIVE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -72,9 +73,15 @@ def build_model(model: DictConfig, *, mae: bool, **extra) -> torch.nn.Module:
                           "or model.embed_dim / model.num_heads (see --help).") from None
 
 
-def make_accelerator(mixed_precision: str, output_dir: str) -> Accelerator:
+def make_accelerator(output_dir: str, mixed_precision: str = "no", tf32: bool = True) -> Accelerator:
+    """The run's Accelerator: mixed_precision "auto" is bf16 on a GPU that has it, else "no"; `tf32` for fp32
+    matmuls on a GPU."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use 'no' or 'bf16'.")
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
     project = ProjectConfiguration(project_dir=output_dir, logging_dir=output_dir)
     # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` or torchrun on a machine
     # without GPUs then form a gloo (MULTI_CPU) group instead of each running alone.
@@ -85,7 +92,26 @@ def make_accelerator(mixed_precision: str, output_dir: str) -> Accelerator:
 def build_adamw(model: torch.nn.Module, optim: DictConfig, *, layer_decay: float = 1.0):
     """AdamW over `param_groups`; its lr is set before every step by the loop's schedule."""
     groups = param_groups(model, optim.weight_decay, layer_decay=layer_decay)
-    return build_optimizer("adamw", groups, lr=0.0, betas=tuple(optim.betas))
+    return build_optimizer("adamw", groups, lr=0.0, betas=tuple(optim.betas), fused=optim.fused)
+
+
+def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """`torch.compile(model)` when enabled and torch can compile here; else the model, with one log line.
+
+    Dynamo's suppress_errors makes a graph that fails to compile run eagerly instead of stopping the run.
+    The compiled wrapper shares its parameters with `model`: checkpoints and evaluation use `model`.
+    """
+    if not enabled:
+        return model
+    try:
+        import torch._dynamo
+        torch._dynamo.config.suppress_errors = True
+        if not torch.cuda.is_available() and shutil.which(os.environ.get("CXX", "c++")) is None:
+            raise RuntimeError("torch.compile needs a C++ compiler on a CPU and none was found")
+        return torch.compile(model)
+    except Exception as error:  # an unsupported Python or platform: train eagerly, say so once
+        log.warning("train.compile=true, but torch cannot compile here (%s): training without it", error)
+        return model
 
 
 # --------------------------------------------------------------------------------------------

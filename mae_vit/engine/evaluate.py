@@ -57,7 +57,7 @@ def evaluate(cfg: DictConfig, *, user_keys: Collection[str] = ()) -> dict:
                           "a .safetensors file in one, or an official MAE / timm weights file).")
     out_dir = Path(cfg.output_dir).expanduser()
     check_output_dir(out_dir)
-    accelerator = make_accelerator("no", str(out_dir))
+    accelerator = make_accelerator(str(out_dir))
     setup_logging(accelerator.is_main_process)
     cfg = model_config_from_run(cfg.checkpoint, cfg, user_keys=user_keys)
     state_dict = to_state_dict(read_file(cfg.checkpoint))  # a bad path fails here, before any data is touched

@@ -30,7 +30,7 @@ from ..data import read_index
 from ..errors import NonFiniteLossError, StoppedBySignal
 from ..files import write_json
 from .batches import step_batches
-from .build import make_accelerator
+from .build import compiled, make_accelerator
 from .lineage import LINEAGE_NAME, lineage
 from .monitor import NonFiniteGuard, StopSignal, TrainMeter, on_main_process, setup_logging
 from .optim import set_lr
@@ -85,7 +85,7 @@ def train(cfg: DictConfig, task: Task) -> dict:
     run = RunDir(t.output_dir, outputs=task.outputs)
     resuming = t.resume and run.latest() is not None
     task.check(resuming)
-    accelerator = make_accelerator(t.mixed_precision, str(run.path))
+    accelerator = make_accelerator(str(run.path), t.mixed_precision, t.tf32)
     setup_logging(accelerator.is_main_process)
     torch.manual_seed(t.seed)  # the same initial weights on every process
     model = task.build_model(accelerator, resuming)
@@ -102,7 +102,8 @@ def train(cfg: DictConfig, task: Task) -> dict:
                      samples_seen=state.samples_seen, batches_per_epoch=lambda: data.batches_per_epoch(0),
                      total_steps=state.budget and state.budget["steps"])
     _start(cfg, plan, state, accelerator, resume_from, run, task)
-    loop = Loop(cfg, task, accelerator, model, optimizer, plan, state, run, last_ckpt=resume_from)
+    # The steps run the compiled model (train.compile); checkpoints and evaluations use `model`, same parameters.
+    loop = Loop(cfg, task, accelerator, compiled(model, t.compile), optimizer, plan, state, run, last_ckpt=resume_from)
     loop.started = started  # a time budget counts from here
     if run_recovering(loop, data, retries=t.nan_retries):
         accelerator.end_training()

@@ -108,15 +108,18 @@ def build_optimizer(
     lr: float,
     betas: Sequence[float] = (0.9, 0.999),
     momentum: float = 0.9,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW ("adamw", with `betas`) or LARS ("lars", with `momentum`) over `groups` from param_groups.
+    """AdamW ("adamw", with `betas`; `fused`: torch's fused kernel) or LARS ("lars", with `momentum`) over
+    `groups` from param_groups.
 
-    Each group's weight decay comes from the group; its initial lr is lr * lr_scale.
+    Each group's weight decay comes from the group; its initial lr is lr * lr_scale. The fused AdamW does
+    the same arithmetic as the foreach one in one kernel (equal to float rounding; tests/test_optim.py).
     """
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])))
+        return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), fused=fused or None)
     if kind == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
     raise ValueError(f"unknown optimizer kind {kind!r}; expected 'adamw' or 'lars'")

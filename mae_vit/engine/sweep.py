@@ -44,7 +44,7 @@ def sweep(cfg: DictConfig, user_keys=()) -> dict:
     if not points:
         raise ConfigError(f"{run.path} holds no checkpoints to score: pass the output directory of a pretraining run "
                           "(--run runs/pretrain).")
-    accelerator = make_accelerator("no", str(run.path))
+    accelerator = make_accelerator(str(run.path))
     setup_logging(accelerator.is_main_process)
     cfg = model_config_from_run(run.path, cfg, user_keys=user_keys)
     if run.config_file.is_file() and not {"data.train", "data.val"} & set(user_keys):  # the run's own data
