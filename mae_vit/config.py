@@ -188,7 +188,8 @@ class BenchmarkConfig:
 
     FLAGS: Flags = {f"--{name.replace('_', '-')}": (name, metavar) for name, metavar in (
         ("model", "NAME"), ("batch_size", "N"), ("img_size", "PX"), ("mask_ratio", "R"), ("device", "DEV"),
-        ("precision", "P"), ("steps", "N"), ("warmup", "N"), ("json", "FILE"))}
+        ("precision", "P"), ("steps", "N"), ("warmup", "N"), ("json", "FILE"), ("compare", "PEER"), ("table", "FILE"))} | {
+        "--data": ("loader", "URLS")}
     model: str = key("mae_vit_base_patch16", "an MAE model name (create_model)")
     batch_size: int = key(8, "images per step", POSITIVE)
     img_size: int = key(224, "image size in pixels (square)", POSITIVE)
@@ -199,3 +200,13 @@ class BenchmarkConfig:
     warmup: int = key(3, "untimed steps first (compilation happens here)", AT_LEAST_0)
     compile: bool = key(False, "time torch.compile(model)")
     json: Optional[str] = key(None, "also write the numbers to this file as JSON")
+    compare: Optional[str] = key(None, "hf: time ours against transformers' ViTMAEForPreTraining in the same run, "
+                                 "switch by switch (interleaved rounds)", _range(lambda v: v in (None, "hf"), "hf or null"))
+    rounds: int = key(3, "--compare: interleaved rounds (each contender's figure is the median of all its steps)",
+                      POSITIVE)
+    sweep: bool = key(False, "time the step over image sizes (img_size / 2, img_size) x mask ratios 0.5, 0.75, 0.9")
+    profile: bool = key(False, "print the top operators of two train steps (torch.profiler)")
+    loader: Optional[str] = key(None, "(--data) shard URLs: time the loader alone with 0, 1, 2, ... workers, and say whether "
+                              "training would wait for data")
+    loader_seconds: float = key(10.0, "--data: seconds per worker count", _range(lambda v: v > 0, "positive"))
+    table: Optional[str] = key(None, "print the Markdown table of a JSON file this tool wrote, and nothing else")

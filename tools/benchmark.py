@@ -2,11 +2,14 @@
 """Time the MAE pretraining train step and count its FLOPs: the yardstick for speed work.
 
     python tools/benchmark.py                                   # mae_vit_base_patch16, batch 8, 224 px
-    python tools/benchmark.py --model mae_vit_large_patch16 --batch-size 64 compile=true --json bench.json
+    python tools/benchmark.py --compare hf --json bench.json    # against transformers' ViTMAE, switch by switch
+    python tools/benchmark.py sweep=true                        # cost against image size and mask ratio
+    python tools/benchmark.py profile=true                      # the top operators
+    python tools/benchmark.py --data 'data/train/shard-{000000..000009}.tar'   # the loader alone, and a verdict
+    python tools/benchmark.py --table bench.json                # the README table of a saved result
 
-Prints model, parameters, device, precision, train-step images/s (median of the timed steps), FLOPs
-per image (FlopCounterMode: matmul, conv and attention only), achieved FLOP/s and peak memory.
-`--help` lists every option. The library code is mae_vit/engine/benchmark.py.
+`--help` lists every option. The library code is mae_vit/engine/benchmark.py, compare.py, costs.py,
+loader_speed.py.
 """
 
 import sys
@@ -16,15 +19,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from mae_vit.cli import run_tool
 from mae_vit.config import BenchmarkConfig, parse_config
-from mae_vit.engine.benchmark import benchmark_train_step, format_table, write_result
+from mae_vit.engine.benchmark import benchmark_train_step, format_table, read_result, write_result
+from mae_vit.engine.compare import compare, markdown
+from mae_vit.engine.costs import profile_step, sweep, sweep_markdown
+from mae_vit.engine.loader_speed import loader_speed
 
 
 def main(argv):
     cfg = parse_config(BenchmarkConfig, argv, prog="benchmark.py")
-    result = benchmark_train_step(cfg.model, batch_size=cfg.batch_size, img_size=cfg.img_size,
-                                  mask_ratio=cfg.mask_ratio, device=cfg.device, precision=cfg.precision,
-                                  steps=cfg.steps, warmup=cfg.warmup, compile_model=cfg.compile)
-    print(format_table(result))
+    if cfg.table:
+        result = read_result(cfg.table)
+        print(sweep_markdown(result) if result.get("kind") == "sweep" else markdown(result))
+        return result
+    shape = dict(batch_size=cfg.batch_size, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, device=cfg.device)
+    if cfg.compare:
+        result = compare(cfg.model, **shape, rounds=cfg.rounds, steps=cfg.steps, compile_model=cfg.compile)
+        print(markdown(result))
+    elif cfg.sweep:
+        del shape["img_size"], shape["mask_ratio"]
+        result = sweep(cfg.model, img_sizes=(cfg.img_size // 2, cfg.img_size), **shape, precision=cfg.precision,
+                       steps=cfg.steps)
+    elif cfg.profile:
+        print(profile_step(cfg.model, **shape, precision=cfg.precision))
+        return None
+    else:
+        step = benchmark_train_step(cfg.model, **shape, precision=cfg.precision, steps=cfg.steps, warmup=cfg.warmup,
+                                    compile_model=cfg.compile)
+        print(format_table(step))
+        result = step
+        if cfg.loader:
+            result = loader_speed(cfg.loader, img_size=cfg.img_size, batch_size=cfg.batch_size,
+                                  seconds=cfg.loader_seconds, step_images_per_s=step.images_per_s)
     if cfg.json:
         write_result(result, cfg.json)
     return result

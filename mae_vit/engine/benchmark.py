@@ -1,8 +1,8 @@
 """Speed yardstick for the MAE pretraining train step: images/s, FLOPs per image, FLOP/s, peak memory.
 
-One train step is what pretraining does per batch: forward with random masking (under bf16 autocast
-when chosen), backward, an AdamW step over the real parameter groups (`param_groups(model, 0.05)`,
-betas 0.9 / 0.95) and `zero_grad(set_to_none=True)`. The same batch of random images is used for
+One train step is what pretraining does per batch, with pretraining's default switches: forward with
+random masking (under bf16 autocast when chosen), backward, a fused AdamW step over the real parameter
+groups (`param_groups(model, 0.05)`, betas 0.9 / 0.95) and `zero_grad(set_to_none=True)`. The same batch of random images is used for
 every step. After `warmup` untimed steps (which also absorb torch.compile's compilation) each of
 `steps` steps is timed on its own, with a CUDA synchronize on both sides on GPU; the median is
 reported, so that one slow step (a page fault, a busy neighbour process) does not move the number.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -194,7 +195,7 @@ def benchmark_train_step(
     imgs = torch.randn(batch_size, model.in_chans, img_size, img_size, device=dev)  # (B, C, H, W)
     train_flops, forward_flops, encoder_flops = count_flops(model, imgs, mask_ratio, autocast)
 
-    optimizer = build_optimizer("adamw", param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
+    optimizer = build_optimizer("adamw", param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
     step_model = torch.compile(model) if compile_model else model
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -275,9 +276,21 @@ def format_table(r: BenchmarkResult) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def write_result(result: BenchmarkResult, path: "str | os.PathLike[str]") -> None:
-    """Write the result as JSON to `path` (parent folders created; written to a temp file, then renamed)."""
+def write_result(result: "BenchmarkResult | dict", path: "str | os.PathLike[str]") -> None:
+    """Write the result (a BenchmarkResult or another mode's dict) as JSON to `path` (atomically)."""
     target = Path(path).expanduser()
     if target.is_dir():
         raise ConfigError(f"--json {path}: that is a folder; give a file name such as {Path(path) / 'bench.json'}.")
-    files.write_json(target, dataclasses.asdict(result))
+    files.write_json(target, result if isinstance(result, dict) else dataclasses.asdict(result))
+
+
+def read_result(path: "str | os.PathLike[str]") -> dict:
+    """A --compare or sweep=true JSON file, for --table; ConfigError for anything else."""
+    try:
+        result = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--table {path}: cannot read it as JSON ({e}).") from None
+    if not isinstance(result, dict) or result.get("kind") not in ("compare", "sweep"):
+        raise ConfigError(f"--table {path}: not a file written by --compare or sweep=true with --json, so there is no "
+                          "table to print.")
+    return result

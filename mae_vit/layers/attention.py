@@ -6,6 +6,7 @@ explicitly; it is used when the attention weights are wanted (visualisation) and
 parity with the fused one. It is also the faster path on a CPU under bf16 autocast: there torch's CPU
 flash kernel spends about three times as long in its backward as the two explicit bf16 matmuls (AMX)
 do, so the explicit path is taken (ViT-B MAE train step, 2-core Xeon with AMX: 5.3 vs 3.3 img/s).
+`EXPLICIT_ON_CPU_BF16 = False` turns that rule off (the benchmark's ablation does).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+EXPLICIT_ON_CPU_BF16 = True
 
 
 class Attention(nn.Module):
@@ -45,4 +48,4 @@ class Attention(nn.Module):
 
 def _cpu_bf16(x: torch.Tensor) -> bool:
     """True on a CPU under bf16 autocast, where the explicit path is faster (see the module doc)."""
-    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return EXPLICIT_ON_CPU_BF16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
