@@ -2,6 +2,8 @@
 
     transform_for(cfg, "pretrain")      the one place a config becomes a transform
     ShardBatches / TensorBatches        an epoch's batches of this process: .batches(epoch, skip)
+    MemoryBatches                       a small data set decoded once, augmented on the device (data.in_memory)
+    train_batches(urls, cfg, kind)      the training batches of a config: shards, or in memory
     step_batches(data, plan)            the micro-batches of every optimizer step, epoch after epoch
 
 An epoch of the schedule is a fixed number of optimizer steps (`Plan.steps_per_epoch`), so the epoch
@@ -21,6 +23,7 @@ from omegaconf import DictConfig
 
 from ..data import (eval_transform, finetune_transform, linprobe_transform, make_loader, pretrain_transform,
                     rank_batch_counts)
+from ..data.in_memory import decode_all, random_resized_crop_flip
 from ..errors import DataError
 from .schedule import Plan
 
@@ -101,6 +104,45 @@ class TensorBatches:
         for i in range(skip, count):
             idx = mine[i * self.batch_size:(i + 1) * self.batch_size]
             yield {"image": self.inputs[idx], "label": self.labels[idx], "skipped": 0}
+
+
+class MemoryBatches(TensorBatches):
+    """A data set held as one uint8 tensor (N, C, H, W) on the device, cropped, flipped and normalised there.
+
+    Shares and order are TensorBatches' (every sample once per epoch over the processes); each batch's
+    augmentation is seeded by (seed, epoch, rank, batch), so a resumed run replays its batches exactly.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, img_size: int, crop_scale, hflip: bool, mean,
+                 std, interpolation: str = "bilinear", device=None, **options):
+        device = torch.device(device or images.device)
+        super().__init__(images.to(device), labels.to(device), **options)
+        self.crop = dict(out_size=img_size, scale=tuple(crop_scale), hflip=hflip, mode=interpolation)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict]:
+        generator = torch.Generator(self.inputs.device)
+        for i, batch in enumerate(super().batches(epoch, skip), start=skip):
+            generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 1_000_003 + i)
+            x = random_resized_crop_flip(batch["image"], generator=generator, **self.crop)  # (B, C, img, img)
+            yield {**batch, "image": x.sub_(self.mean).div_(self.std)}
+
+
+def train_batches(urls: str, cfg: DictConfig, kind: str, *, accelerator, img_size: int | None = None,
+                  labels: bool = True):
+    """The training batches of `kind` (pretrain | finetune | linprobe): `ShardBatches` with its transform, or
+    with `data.in_memory` the decoded data set on the accelerator's device (`MemoryBatches`, crop + flip only)."""
+    d = cfg.data
+    if not d.get("in_memory", False):
+        return ShardBatches(urls, cfg, transform_for(cfg, kind, img_size), accelerator=accelerator, labels=labels)
+    images, targets = decode_all(urls, cfg.model.in_chans, labels=labels)
+    log.info("in memory: %d images of %s px (%.1f MiB) on %s, augmented there", images.shape[0],
+             "x".join(map(str, images.shape[1:])), images.numel() / 2**20, accelerator.device)
+    return MemoryBatches(images, targets, img_size=img_size or cfg.model.img_size, crop_scale=d.crop_scale,
+                         hflip=d.hflip, mean=d.mean, std=d.std, interpolation=d.interpolation,
+                         device=accelerator.device, batch_size=d.batch_size, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, seed=cfg.train.seed)
 
 
 def step_batches(data, plan: Plan) -> Iterator[list[dict]]:

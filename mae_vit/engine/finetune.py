@@ -19,7 +19,8 @@ from torch import nn
 
 from ..checkpoint import LoadReport, load_weights
 from ..data import mixup_cutmix
-from .batches import ShardBatches, transform_for
+from ..errors import ConfigError
+from .batches import ShardBatches, train_batches
 from .build import build_adamw, build_model, check_encoder_loaded
 from .classify import ClassifierTask, soft_target_cross_entropy
 from .loop import train
@@ -75,9 +76,20 @@ class Finetune(ClassifierTask):
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return build_adamw(model, self.cfg.optim, layer_decay=self.cfg.optim.layer_decay)
 
+    def check(self, resuming: bool) -> None:
+        a = self.cfg.augment
+        if self.cfg.data.in_memory and (a.randaug_num_ops or a.reprob):
+            raise ConfigError(
+                f"data.in_memory=true augments on the device with crop, flip and MixUp/CutMix only; it has no "
+                f"RandAugment (augment.randaug_num_ops={a.randaug_num_ops}) and no random erasing (augment.reprob="
+                f"{a.reprob}). Set augment.randaug_num_ops=0 augment.reprob=0 to train without them, or "
+                "data.in_memory=false to keep them.")
+        super().check(resuming)
+
     def make_train_data(self, val: ShardBatches | None, resumed: bool) -> tuple:
-        transform = transform_for(self.cfg, "finetune", self.img_size)
-        return ShardBatches(self.train_urls, self.cfg, transform, accelerator=self.accelerator), val
+        data = train_batches(self.train_urls, self.cfg, "finetune", accelerator=self.accelerator,
+                             img_size=self.img_size)
+        return data, val
 
     def mix(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (inputs, labels) if self.mixer is None else self.mixer(inputs, labels)

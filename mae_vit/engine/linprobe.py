@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..eval.features import extract_features
 from ..eval.probe_sweep import probe_sweep
 from ..files import write_atomic
-from .batches import ShardBatches, TensorBatches, transform_for
+from .batches import ShardBatches, TensorBatches, train_batches, transform_for
 from .build import build_model, check_encoder_loaded
 from .classify import FEATURES_NAME, ClassifierTask
 from .loop import train
@@ -133,7 +133,7 @@ class Linprobe(ClassifierTask):
     def make_train_data(self, val: ShardBatches | None, resumed: bool) -> tuple:
         cfg, a = self.cfg, self.accelerator
         if not cfg.feature_cache:
-            return ShardBatches(self.train_urls, cfg, transform_for(cfg, "linprobe"), accelerator=a), val
+            return train_batches(self.train_urls, cfg, "linprobe", accelerator=a), val
         plain = ShardBatches(self.train_urls, cfg, transform_for(cfg, "eval"), accelerator=a, train=False)
         path = self.run.path / FEATURES_NAME
         cache = cached_features(self.model, a, plain, val, meta=self._cache_meta(), path=path, reuse=resumed)

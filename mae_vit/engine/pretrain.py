@@ -21,7 +21,7 @@ from ..eval import classifier_metrics, extract_features, knn_accuracy
 from ..files import write_json
 from ..viz.io import save_png
 from ..viz.reconstruction import reconstruction_grid
-from .batches import ShardBatches, transform_for
+from .batches import ShardBatches, train_batches, transform_for
 from .build import build_adamw, build_model, resolve_data
 from .loop import Task, train
 from .monitor import on_main_process
@@ -71,11 +71,11 @@ class Pretrain(Task):
                 optimizer.add_param_group(group)
         return optimizer
 
-    def build_data(self, run: RunDir, resumed: bool) -> ShardBatches:
+    def build_data(self, run: RunDir, resumed: bool):
         self.run = run
         self.fixed = _fixed_images(self.val_urls or self.train_urls, self.cfg) if self.accelerator.is_main_process else None
-        return ShardBatches(self.train_urls, self.cfg, transform_for(self.cfg, "pretrain"),
-                            accelerator=self.accelerator, labels=self.probe is not None)
+        return train_batches(self.train_urls, self.cfg, "pretrain", accelerator=self.accelerator,
+                             labels=self.probe is not None)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         imgs = batch["image"].to(self.accelerator.device, non_blocking=True)
