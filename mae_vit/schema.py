@@ -198,8 +198,8 @@ class TrainConfig:
     resume: bool = key(True, "continue from the newest good checkpoint in output_dir")
     overwrite: bool = key(False, "allow starting over in a non-empty output_dir (with resume=false)")
     seed: int = key(0, "random seed")
-    mixed_precision: str = key("auto", "auto (bf16 on a GPU that has it, else no) | no | fp16 | bf16 (also on a CPU: "
-                               "fast where it has AMX)", one_of("auto", "no", "fp16", "bf16"))
+    mixed_precision: str = key("auto", "auto (bf16 where it is fast: a GPU that has it, a CPU with AMX; else no) | "
+                               "no | fp16 | bf16", one_of("auto", "no", "fp16", "bf16"))
     compile: bool = key(False, "torch.compile the model (minutes of compilation first; falls back to eager with a "
                         "log line where torch cannot compile)")
     tf32: bool = key(True, "on a GPU, fp32 matmuls use TensorFloat-32 (Ampere and newer; no effect on a CPU)")

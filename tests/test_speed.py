@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mae_vit.data.demo import ensure_demo_shards
-from mae_vit.engine.build import compiled, make_accelerator
+from mae_vit.engine.build import compiled, fast_bf16, make_accelerator
 from mae_vit.engine.costs import activation_bytes, sweep
 from mae_vit.engine.loader_speed import loader_speed
 from mae_vit.engine.optim import build_optimizer, param_groups
@@ -75,10 +75,15 @@ def test_explicit_attention_under_cpu_bf16_gives_the_loss_of_sdpa_and_of_fp32():
     assert block(x).dtype == torch.float32
 
 
-def test_mixed_precision_auto_is_fp32_on_a_cpu(tmp_path):
+def test_mixed_precision_auto_is_bf16_only_on_a_cpu_with_amx(tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(True)  # the Accelerator keeps one state per process
     try:
+        expected = "bf16" if fast_bf16(torch.device("cpu")) else "no"
+        assert make_accelerator(str(tmp_path), "auto").mixed_precision == expected
+        AcceleratorState._reset_state(True)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert not fast_bf16(torch.device("cpu"))
         assert make_accelerator(str(tmp_path), "auto").mixed_precision == "no"
     finally:
         AcceleratorState._reset_state(True)

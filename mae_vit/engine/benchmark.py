@@ -84,12 +84,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> bf16 on a CUDA GPU that supports it, else fp32; "bf16" on CPU is allowed (autocast)."""
+    """"auto" -> bf16 where it is fast (engine.build.fast_bf16: a CUDA GPU with bf16, a CPU with AMX), else
+    fp32; "bf16" on any CPU is allowed (autocast)."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"precision {precision!r} is not one of auto, fp32, bf16.")
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "auto":
-        return "bf16" if cuda_bf16 else "fp32"
+        from mae_vit.engine.build import fast_bf16
+        return "bf16" if fast_bf16(device) else "fp32"
     if precision == "bf16" and device.type == "cuda" and not cuda_bf16:
         raise ConfigError("this GPU does not support bf16; use --precision fp32 (or auto).")
     return precision

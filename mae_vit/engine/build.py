@@ -73,11 +73,19 @@ def build_model(model: DictConfig, *, mae: bool, **extra) -> torch.nn.Module:
                           "or model.embed_dim / model.num_heads (see --help).") from None
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds `device` up: a CUDA GPU with bf16, or a CPU with AMX tiles (Intel Xeon 4th
+    generation and later: the demo's step takes half the fp32 time). On other CPUs bf16 is emulated, and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
 def make_accelerator(output_dir: str, mixed_precision: str = "no", tf32: bool = True) -> Accelerator:
-    """The run's Accelerator: mixed_precision "auto" is bf16 on a GPU that has it, else "no"; `tf32` for fp32
-    matmuls on a GPU."""
+    """The run's Accelerator: mixed_precision "auto" is bf16 where it is fast (`fast_bf16`), else "no"; `tf32`
+    for fp32 matmuls on a GPU."""
     if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        mixed_precision = "bf16" if fast_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu")) else "no"
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use 'no' or 'bf16'.")
     if torch.cuda.is_available():
