@@ -36,6 +36,11 @@ NAME = _range(lambda v: re.fullmatch(r"[\w.-]+", v) is not None, "a name of lett
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # what the transforms take (data/transforms.py)
 
 
+# Accelerate's experiment trackers (`log_with`) and the module each one needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim",
+            "clearml": "clearml", "dvclive": "dvclive"}
+
+
 def one_of(*choices) -> Tuple:
     return _range(lambda v: v in choices, "one of: " + ", ".join(choices))
 
@@ -203,6 +208,9 @@ class TrainConfig:
     compile: bool = key(False, "torch.compile the model (minutes of compilation first; falls back to eager with a "
                         "log line where torch cannot compile)")
     tf32: bool = key(True, "on a GPU, fp32 matmuls use TensorFloat-32 (Ampere and newer; no effect on a CPU)")
+    trackers: List[str] = key(["tensorboard"], "where metrics are logged, through Accelerate: any of " + ", ".join(
+        TRACKERS) + " (each needs its package, and is set up by its own environment variables); [] = none",
+        _range(lambda v: all(t in TRACKERS for t in v), "a list of: " + ", ".join(TRACKERS)))
     max_steps: Optional[int] = key(None, "stop after this many optimizer steps (the schedule still spans epochs)",
                                    POSITIVE_OR_NULL)
     save_every: int = key(500, "optimizer steps between checkpoints", POSITIVE)

@@ -45,3 +45,20 @@ def test_settings_that_cannot_train_exit_2_and_leave_the_folder_as_it_was(tmp_pa
     assert words in " ".join(result.stderr.split())
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == b"an earlier result"
+
+
+def test_a_tracker_whose_package_is_missing_exits_2_naming_the_package_and_writes_nothing(tmp_path):
+    import importlib.util
+    missing = next((t for t in ("wandb", "mlflow", "aim", "dvclive") if importlib.util.find_spec(t) is None), None)
+    if missing is None:
+        pytest.skip("every tracker package is installed here")
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "pretrain.py"), "--output-dir", str(out),
+                             "model.depth=1", f"train.trackers=[tensorboard,{missing}]"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"pip install {missing}" in " ".join(result.stderr.split())
+    assert not out.exists()
+    unknown = subprocess.run([sys.executable, str(ROOT / "tools" / "pretrain.py"), "--output-dir", str(out),
+                              "train.trackers=[neptune]"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "a list of: tensorboard, wandb" in " ".join(unknown.stderr.split())

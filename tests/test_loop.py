@@ -194,3 +194,13 @@ def test_a_run_says_when_the_shards_own_statistics_differ_from_data_mean_and_std
     pretrain(parse_config(PretrainConfig, argv))
     err = " ".join(capsys.readouterr().err.split())
     assert "the training shards' own statistics are mean [0." in err and "to normalise with them: data.mean=[" in err
+
+
+def test_with_no_trackers_a_run_trains_and_writes_no_event_files(tmp_path):
+    from conftest import tool
+    out = tmp_path / "run"
+    tool("pretrain.py", "--output-dir", str(out), f"data.cache_dir={tmp_path}", "data.synthetic_samples=64",
+         "model.depth=1", "data.num_workers=0", "train.max_steps=2", "train.trackers=[]", "knn.vs_random=false",
+         "online_probe=false")
+    assert (out / "model.safetensors").is_file() and (out / "reconstructions").is_dir()
+    assert not list(out.rglob("events.out.tfevents*"))

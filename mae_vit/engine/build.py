@@ -7,6 +7,7 @@ This is the one place where config sections are unpacked into explicit arguments
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from ..config import validate_config
 from ..data import ensure_demo_shards, expand_urls
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model
+from ..schema import TRACKERS
 from .optim import build_optimizer, param_groups
 
 log = logging.getLogger("mae_vit")
@@ -81,9 +83,15 @@ def fast_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
-def make_accelerator(output_dir: str, mixed_precision: str = "no", tf32: bool = True) -> Accelerator:
+def make_accelerator(output_dir: str, mixed_precision: str = "no", tf32: bool = True,
+                     trackers: Sequence[str] = ("tensorboard",)) -> Accelerator:
     """The run's Accelerator: mixed_precision "auto" is bf16 where it is fast (`fast_bf16`), else "no"; `tf32`
-    for fp32 matmuls on a GPU."""
+    for fp32 matmuls on a GPU; `trackers` (train.trackers) are Accelerate's `log_with`, each checked first."""
+    missing = [t for t in trackers if importlib.util.find_spec(TRACKERS[t]) is None]
+    if missing:
+        raise ConfigError(f"train.trackers lists {', '.join(missing)}, but this Python has no {', '.join(TRACKERS[t] for t in missing)} "
+                          f"package: install it (pip install {' '.join(TRACKERS[t] for t in missing)}) or remove it from "
+                          f"train.trackers (now {list(trackers)}). Nothing was written.")
     if mixed_precision == "auto":
         mixed_precision = "bf16" if fast_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu")) else "no"
     if mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -93,7 +101,7 @@ def make_accelerator(output_dir: str, mixed_precision: str = "no", tf32: bool = 
     project = ProjectConfiguration(project_dir=output_dir, logging_dir=output_dir)
     # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` or torchrun on a machine
     # without GPUs then form a gloo (MULTI_CPU) group instead of each running alone.
-    return Accelerator(mixed_precision=mixed_precision, log_with="tensorboard", project_config=project,
+    return Accelerator(mixed_precision=mixed_precision, log_with=list(trackers), project_config=project,
                        cpu=not torch.cuda.is_available())
 
 

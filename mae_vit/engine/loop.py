@@ -85,7 +85,7 @@ def train(cfg: DictConfig, task: Task) -> dict:
     run = RunDir(t.output_dir, outputs=task.outputs)
     resuming = t.resume and run.latest() is not None
     task.check(resuming)
-    accelerator = make_accelerator(str(run.path), t.mixed_precision, t.tf32)
+    accelerator = make_accelerator(str(run.path), t.mixed_precision, t.tf32, t.trackers)
     setup_logging(accelerator.is_main_process)
     torch.manual_seed(t.seed)  # the same initial weights on every process
     model = task.build_model(accelerator, resuming)
