@@ -18,7 +18,7 @@ from mae_vit.schema import (AT_LEAST_0, NAME, POSITIVE, POSITIVE_OR_NULL, UNIT, 
                             PretrainRunConfig, ProbeModelConfig, TrainDataConfig, _range, key, one_of,
                             validate_config)
 
-__all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "ExportHfConfig", "FinetuneConfig", "LinprobeConfig", "MakeShardsConfig",
+__all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "ExportHfConfig", "ExportOnnxConfig", "FinetuneConfig", "LinprobeConfig", "MakeShardsConfig",
            "PretrainConfig", "ReportConfig", "SweepConfig", "VisualizeConfig", "format_help", "parse_config", "save_config", "validate_config"]
 
 _TRAIN_FLAGS = {"--output-dir": ("train.output_dir", "DIR"), "--data": ("data.train", "URLS")}
@@ -125,6 +125,16 @@ class ExportHfConfig:
     model: ModelConfig = section(ModelConfig)
     checkpoint: Optional[str] = key(None, "the weights to export (a run directory or a weights file)")
     output_dir: str = key("runs/hf", "the folder transformers' from_pretrained loads")
+
+
+@dataclass
+class ExportOnnxConfig:
+    """Export a checkpoint to ONNX: a classifier as image -> logits, an MAE as its encoder (image -> features)."""
+
+    FLAGS: Flags = {"--checkpoint": ("checkpoint", "PATH"), "--output": ("output", "FILE")}
+    model: ModelConfig = section(ModelConfig)
+    checkpoint: Optional[str] = key(None, "the weights to export (a run directory or a weights file)")
+    output: str = key("runs/model.onnx", "the ONNX file to write (replaced only once the new one is whole)")
 
 
 @dataclass

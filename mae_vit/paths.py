@@ -16,8 +16,9 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 # Dotted config keys that hold one local path, and those that hold a shard spec.
-PATH_KEYS = ("train.output_dir", "output_dir", "data.cache_dir", "data_dir", "checkpoint", "json", "run")
-URL_KEYS = ("data.train", "data.val")
+PATH_KEYS = ("train.output_dir", "output_dir", "data.cache_dir", "data_dir", "checkpoint", "json", "run", "output",
+             "table")
+URL_KEYS = ("data.train", "data.val", "loader")
 # make_shards' `source` is a path unless it is one of the built-in sources.
 BUILTIN_SOURCES = ("synthetic", "fashion-mnist")
 
