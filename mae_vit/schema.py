@@ -117,10 +117,11 @@ class DataConfig:
     val: Optional[str] = key(None, "WebDataset URLs of the validation split; None = synthetic (or none)")
     batch_size: int = key(64, "per process", POSITIVE)
     num_workers: int = key(2, "data-loading worker processes per training process", AT_LEAST_0)
-    mean: List[float] = key([0.485, 0.456, 0.406], "per-channel normalisation mean",
-                            _range(lambda v: len(v) > 0 and _numbers(v), "a non-empty list of numbers"))
-    std: List[float] = key([0.229, 0.224, 0.225], "per-channel normalisation std",
-                           _range(lambda v: len(v) > 0 and _numbers(v) and min(v) > 0, "a list of positive numbers"))
+    mean: Optional[List[float]] = key(None, "per-channel normalisation mean; null = the training shards' own (the "
+                                      "statistics make_shards keeps in their index), else ImageNet's", _range(
+        lambda v: v is None or (len(v) > 0 and _numbers(v)), "a non-empty list of numbers, or null"))
+    std: Optional[List[float]] = key(None, "per-channel normalisation std; null: as data.mean", _range(
+        lambda v: v is None or (len(v) > 0 and _numbers(v) and min(v) > 0), "a list of positive numbers, or null"))
     interpolation: str = key("bicubic", "resize filter: bicubic | bilinear | nearest | ...", one_of(*INTERPOLATIONS))
     crop_pct: Optional[float] = key(None, "evaluation resize+center crop; None = 0.875 up to 224 px, 1.0 above",
                                     _range(lambda v: v is None or 0 < v <= 1, "in (0, 1] or null"))
@@ -305,7 +306,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def _check_combinations(cfg: DictConfig) -> None:
-    if "data" in cfg:
+    if "data" in cfg and cfg.data.mean is not None and cfg.data.std is not None:
         mean, std = list(cfg.data.mean), list(cfg.data.std)
         if len(mean) != len(std):
             raise ConfigError(

@@ -160,7 +160,7 @@ def test_checkpoint_flag_only_where_declared():
         (["data.crop_scale=[0,1]"], ["data.crop_scale"]),
         (["data.crop_scale=[0.2,1.5]"], ["data.crop_scale"]),
         (["data.crop_scale=[0.2]"], ["data.crop_scale"]),
-        (["data.mean=[0.5]"], ["data.mean has 1 value(s) but data.std has 3"]),
+        (["data.mean=[0.5]", "data.std=[0.2,0.2,0.2]"], ["data.mean has 1 value(s) but data.std has 3"]),
         (["data.mean=[0.5]", "data.std=[0.5]"], ["model.in_chans is 3", "model.in_chans=1"]),
         (["optim.warmup_epochs=900"], ["optim.warmup_epochs", "optim.epochs"]),
         (["optim.betas=[0.9]"], ["optim.betas", "two numbers"]),
@@ -403,3 +403,34 @@ def test_environment_variables_reach_the_config_only_with_allow_env(tmp_path, mo
     with pytest.raises(ConfigError, match="oc.env.*copies an environment variable.*--allow-env"):
         parse_config(PretrainConfig, ["--config", path])
     assert parse_config(PretrainConfig, ["--allow-env", "--config", path]).train.output_dir == here("runs/s3cr3t")
+
+
+def test_a_null_mean_and_std_become_the_shards_own_statistics_else_imagenets(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from mae_vit.data.writer import shard_urls, write_shards
+    from mae_vit.engine.build import fill_normalisation
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(6)]  # grey
+    from PIL import Image
+    samples = [(f"{i:08d}", Image.fromarray(img), i % 2) for i, img in enumerate(images)]
+    with_stats = shard_urls(tmp_path / "a", "shard", len(write_shards(samples, tmp_path / "a", progress=False)["shards"]))
+    without = shard_urls(tmp_path / "b", "shard", len(write_shards(samples, tmp_path / "b", progress=False,
+                                                                   stats=False)["shards"]))
+    pixels = np.stack(images).astype(np.float64) / 255
+    cfg = parse_config(PretrainConfig, ["model.in_chans=1"])
+    assert cfg.data.mean is None and cfg.data.std is None
+    with caplog.at_level(logging.INFO, logger="mae_vit"):
+        fill_normalisation(cfg, with_stats)
+    assert cfg.data.mean[0] == pytest.approx(pixels.mean(), abs=1e-5)
+    assert cfg.data.std[0] == pytest.approx(pixels.std(), abs=1e-4)
+    assert "statistics of the training shards" in caplog.text
+    imagenet = parse_config(PretrainConfig, [])
+    fill_normalisation(imagenet, without)
+    assert list(imagenet.data.mean) == [0.485, 0.456, 0.406] and list(imagenet.data.std) == [0.229, 0.224, 0.225]
+    mine = parse_config(PretrainConfig, ["model.in_chans=1", "data.mean=[0.1]", "data.std=[0.2]"])
+    fill_normalisation(mine, with_stats)
+    assert list(mine.data.mean) == [0.1] and list(mine.data.std) == [0.2]

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..checkpoint import LoadReport, load_weights
 from ..config import validate_config
-from ..data import ensure_demo_shards, expand_urls
+from ..data import ensure_demo_shards, expand_urls, read_index
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model
 from ..schema import TRACKERS
@@ -33,11 +33,40 @@ log = logging.getLogger("mae_vit")
 DEMO_IMG_SIZE = 32  # the synthetic demo images are drawn at 32 px; transforms resize them to the model's size
 
 
-def resolve_data(data: DictConfig, accelerator: Accelerator | None = None) -> tuple[str, str | None]:
+def resolve_data(cfg: DictConfig, accelerator: Accelerator | None = None) -> tuple[str, str | None]:
     """(train_urls, val_urls). No `data.train`: the synthetic demo shards (written once into the cache).
 
-    Local paths are checked here, before any model is built, so a typo fails in a second.
+    Local paths are checked here, before any model is built, so a typo fails in a second. A null
+    data.mean / data.std is filled in here (`fill_normalisation`), so config.yaml holds the numbers used.
     """
+    train, val = _data_urls(cfg.data, accelerator)
+    fill_normalisation(cfg, train)
+    return train, val
+
+
+# Used where neither the config nor the shards' index says: ImageNet's, per channel count
+IMAGENET_MEAN, IMAGENET_STD = {3: [0.485, 0.456, 0.406], 1: [0.449]}, {3: [0.229, 0.224, 0.225], 1: [0.226]}
+
+
+def fill_normalisation(cfg: DictConfig, urls: str | None) -> None:
+    """Set a null data.mean / data.std to the shards' own statistics (make_shards' index: RGB or grey by
+    model.in_chans), else to ImageNet's (0.5 for other channel counts); say which."""
+    d, channels = cfg.data, cfg.model.in_chans
+    if d.mean is not None and d.std is not None:
+        return
+    own = (((read_index(urls) if urls else None) or {}).get("stats") or {}).get("grey" if channels == 1 else "rgb")
+    if own and len(own["mean"]) == channels:
+        mean, std, source = own["mean"], own["std"], f"the statistics of the training shards ({urls}: their index)"
+    else:
+        mean, std = IMAGENET_MEAN.get(channels, [0.5] * channels), IMAGENET_STD.get(channels, [0.5] * channels)
+        source = "ImageNet's (the training shards' index has no statistics: make_shards records them)"
+    OmegaConf.update(cfg, "data.mean", list(mean) if d.mean is None else list(d.mean), merge=False)
+    OmegaConf.update(cfg, "data.std", list(std) if d.std is None else list(d.std), merge=False)
+    log.info("data.mean %s, data.std %s: %s", list(cfg.data.mean), list(cfg.data.std), source)
+    validate_config(cfg)
+
+
+def _data_urls(data: DictConfig, accelerator: Accelerator | None) -> tuple[str, str | None]:
     if data.train is None:
         def make():
             return ensure_demo_shards(data.cache_dir, num_samples=data.synthetic_samples,

@@ -78,7 +78,7 @@ class ClassifierTask(Task):
 
     def build_model(self, accelerator, resuming: bool) -> nn.Module:
         self.accelerator = accelerator
-        self.train_urls, self.val_urls = resolve_data(self.cfg.data, accelerator)
+        self.train_urls, self.val_urls = resolve_data(self.cfg, accelerator)
         if self.cfg.data.train is None:
             log.info("no data.train given: using the labelled synthetic demo shards %s (val %s)", self.train_urls,
                      self.val_urls)

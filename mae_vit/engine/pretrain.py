@@ -48,11 +48,11 @@ class Pretrain(Task):
         self.probe_loss_sum, self.probe_batches = 0.0, 0  # the head's cross-entropy this epoch (on the device)
 
     def check(self, resuming: bool) -> None:
-        resolve_data(self.cfg.data)  # bad paths fail here, before anything is built
+        resolve_data(self.cfg)  # bad paths fail here, before anything is built
 
     def build_model(self, accelerator, resuming: bool) -> torch.nn.Module:
         self.accelerator = accelerator
-        self.train_urls, self.val_urls = resolve_data(self.cfg.data, accelerator)
+        self.train_urls, self.val_urls = resolve_data(self.cfg, accelerator)
         if self.cfg.data.train is None:
             log.info("no data.train given: using the synthetic demo shards %s", self.train_urls)
         self.model = build_model(self.cfg.model, mae=True)  # the MAE: exported, checked, drawn

@@ -52,7 +52,7 @@ def sweep(cfg: DictConfig, user_keys=()) -> dict:
         for name in ("train", "val", "cache_dir", "synthetic_samples", "synthetic_classes"):
             if name in saved:
                 cfg.data[name] = saved[name]
-    train_urls, val_urls = resolve_data(cfg.data, accelerator)
+    train_urls, val_urls = resolve_data(cfg, accelerator)
     if val_urls is None or not (read_index(train_urls) or {}).get("num_classes"):
         raise DataError("the sweep needs labelled training and validation shards (data.train, data.val).")
     rows = [score(cfg, step, path, train_urls, val_urls, accelerator) for step, path in points]

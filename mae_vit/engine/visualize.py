@@ -38,7 +38,7 @@ def visualize(cfg: DictConfig, *, user_keys: Collection[str] = ()) -> dict:
                           "runs/pretrain, a .safetensors file in one, or an official MAE / timm weights file).")
     cfg = model_config_from_run(cfg.checkpoint, cfg, user_keys=user_keys)
     state_dict = to_state_dict(read_file(cfg.checkpoint))  # a bad path fails here, before any data is touched
-    train_urls, val_urls = resolve_data(cfg.data)
+    train_urls, val_urls = resolve_data(cfg)
     urls = val_urls or train_urls
     index = read_index(urls)
     # a classifier whose head is neither in the weights nor configured: any size will do, the head is not drawn
