@@ -115,7 +115,7 @@ def test_bf16_autocast_on_cpu_counts_the_same_flops():
     )
     assert r.precision == "bf16" and r.images_per_s > 0
     assert r.train_flops_per_image == hand_count(16, 4, 3, 192, 12, 64, 2, 0.75)[0]
-    from mae_vit.engine.build import fast_bf16
+    from mae_vit.engine.device import fast_bf16
     amx = fast_bf16(torch.device("cpu"))
     assert bench.resolve_precision("auto", torch.device("cpu")) == ("bf16" if amx else "fp32")
 

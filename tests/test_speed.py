@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mae_vit.data.demo import ensure_demo_shards
-from mae_vit.engine.build import compiled, fast_bf16, make_accelerator
+from mae_vit.engine.device import compiled, fast_bf16, make_accelerator
 from mae_vit.engine.costs import activation_bytes, sweep
 from mae_vit.engine.loader_speed import loader_speed
 from mae_vit.engine.optim import build_optimizer, param_groups

@@ -90,7 +90,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise ConfigError(f"precision {precision!r} is not one of auto, fp32, bf16.")
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if precision == "auto":
-        from mae_vit.engine.build import fast_bf16
+        from mae_vit.engine.device import fast_bf16
         return "bf16" if fast_bf16(device) else "fp32"
     if precision == "bf16" and device.type == "cuda" and not cuda_bf16:
         raise ConfigError("this GPU does not support bf16; use --precision fp32 (or auto).")

@@ -1,4 +1,4 @@
-"""Turning a resolved config into the objects a loop needs: data URLs, model, optimizer, Accelerator.
+"""Turning a resolved config into the objects a loop needs: data URLs, normalisation, model, optimizer.
 
 This is the one place where config sections are unpacked into explicit arguments; the library below
 (models, data, optim) never sees a config object.
@@ -7,17 +7,14 @@ This is the one place where config sections are unpacked into explicit arguments
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
-import shutil
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -26,7 +23,6 @@ from ..config import validate_config
 from ..data import ensure_demo_shards, expand_urls, read_index
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model
-from ..schema import TRACKERS
 from .optim import build_optimizer, param_groups
 
 log = logging.getLogger("mae_vit")
@@ -104,59 +100,10 @@ def build_model(model: DictConfig, *, mae: bool, **extra) -> torch.nn.Module:
                           "or model.embed_dim / model.num_heads (see --help).") from None
 
 
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast speeds `device` up: a CUDA GPU with bf16, or a CPU with AMX tiles (Intel Xeon 4th
-    generation and later: the demo's step takes half the fp32 time). On other CPUs bf16 is emulated, and slower."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-
-
-def make_accelerator(output_dir: str, mixed_precision: str = "no", tf32: bool = True,
-                     trackers: Sequence[str] = ("tensorboard",)) -> Accelerator:
-    """The run's Accelerator: mixed_precision "auto" is bf16 where it is fast (`fast_bf16`), else "no"; `tf32`
-    for fp32 matmuls on a GPU; `trackers` (train.trackers) are Accelerate's `log_with`, each checked first."""
-    missing = [t for t in trackers if importlib.util.find_spec(TRACKERS[t]) is None]
-    if missing:
-        raise ConfigError(f"train.trackers lists {', '.join(missing)}, but this Python has no {', '.join(TRACKERS[t] for t in missing)} "
-                          f"package: install it (pip install {' '.join(TRACKERS[t] for t in missing)}) or remove it from "
-                          f"train.trackers (now {list(trackers)}). Nothing was written.")
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if fast_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu")) else "no"
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use 'no' or 'bf16'.")
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
-    project = ProjectConfiguration(project_dir=output_dir, logging_dir=output_dir)
-    # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` or torchrun on a machine
-    # without GPUs then form a gloo (MULTI_CPU) group instead of each running alone.
-    return Accelerator(mixed_precision=mixed_precision, log_with=list(trackers), project_config=project,
-                       cpu=not torch.cuda.is_available())
-
-
 def build_adamw(model: torch.nn.Module, optim: DictConfig, *, layer_decay: float = 1.0):
     """AdamW over `param_groups`; its lr is set before every step by the loop's schedule."""
     groups = param_groups(model, optim.weight_decay, layer_decay=layer_decay)
     return build_optimizer("adamw", groups, lr=0.0, betas=tuple(optim.betas), fused=optim.fused)
-
-
-def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
-    """`torch.compile(model)` when enabled and torch can compile here; else the model, with one log line.
-
-    Dynamo's suppress_errors makes a graph that fails to compile run eagerly instead of stopping the run.
-    The compiled wrapper shares its parameters with `model`: checkpoints and evaluation use `model`.
-    """
-    if not enabled:
-        return model
-    try:
-        import torch._dynamo
-        torch._dynamo.config.suppress_errors = True
-        if not torch.cuda.is_available() and shutil.which(os.environ.get("CXX", "c++")) is None:
-            raise RuntimeError("torch.compile needs a C++ compiler on a CPU and none was found")
-        return torch.compile(model)
-    except Exception as error:  # an unsupported Python or platform: train eagerly, say so once
-        log.warning("train.compile=true, but torch cannot compile here (%s): training without it", error)
-        return model
 
 
 # --------------------------------------------------------------------------------------------

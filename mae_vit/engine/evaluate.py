@@ -35,7 +35,8 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..eval import classifier_metrics, extract_features, fewshot_linear, knn_accuracy
 from ..files import write_json
 from .batches import transform_for
-from .build import make_accelerator, model_config_from_run, model_from_weights, resolve_data
+from .build import model_config_from_run, model_from_weights, resolve_data
+from .device import make_accelerator
 from .monitor import setup_logging
 
 log = logging.getLogger("mae_vit")

@@ -30,7 +30,7 @@ from ..data import read_index
 from ..errors import NonFiniteLossError, StoppedBySignal
 from ..files import write_json
 from .batches import step_batches
-from .build import compiled, make_accelerator
+from .device import compiled, make_accelerator
 from .lineage import LINEAGE_NAME, lineage
 from .monitor import NonFiniteGuard, StopSignal, TrainMeter, on_main_process, setup_logging
 from .optim import set_lr

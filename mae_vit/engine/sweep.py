@@ -25,7 +25,8 @@ from ..eval import fewshot_linear, knn_accuracy
 from ..files import write_json
 from ..viz.io import save_figure
 from .batches import transform_for
-from .build import make_accelerator, model_config_from_run, model_from_weights, resolve_data
+from .build import model_config_from_run, model_from_weights, resolve_data
+from .device import make_accelerator
 from .evaluate import FEWSHOT_SEED, feature_fn, features_in_key_order
 from .monitor import on_main_process, setup_logging
 from .rundir import RunDir, read_state
