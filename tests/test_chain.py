@@ -52,6 +52,9 @@ def test_the_chain_runs_every_stage_writes_the_report_and_a_rerun_skips_finished
     assert "--checkpoint" not in results["commands"]["finetune_scratch"]
     assert f"--checkpoint {out / 'pretrain'}" in results["commands"]["finetune_mae"]
     assert (out / "finetune_top1.png").is_file() and "| fine-tuned from the MAE weights |" in report.read_text()
+    lineage = (out / "runs" / "report.md").read_text()  # tools/report.py's report of the stage runs
+    parent_hash = json.loads((out / "finetune_mae" / "lineage.json").read_text())["parent"]["sha256"]
+    assert parent_hash[:12] in lineage and "finetune_scratch" in lineage
     before = (out / "pretrain" / "metrics.json").stat().st_mtime_ns
     chain.run_chain("tiny", out, tmp_path / "shards", source=f"fashion-mnist:{idx}")  # nothing left to do
     assert (out / "pretrain" / "metrics.json").stat().st_mtime_ns == before

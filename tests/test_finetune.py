@@ -213,7 +213,8 @@ EVAL_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = ViTClassifier(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=10)
     torch.nn.init.normal_(model.head.weight)
-    cfg = parse_config(FinetuneConfig, ["data.batch_size=4", "data.num_workers=0", "model.img_size=16"])
+    cfg = parse_config(FinetuneConfig, ["data.batch_size=4", "data.num_workers=0", "model.img_size=16",
+                                        "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"])
     val = ShardBatches(sys.argv[1], cfg, transform_for(cfg, "eval"), accelerator=accelerator, train=False)
     local = sum(len(b["label"]) for b in val.batches())
     metrics = classifier_metrics(model.to(accelerator.device), val.batches(), accelerator)
@@ -246,7 +247,8 @@ def test_two_process_evaluation_counts_every_sample_once(tmp_path):
     torch.manual_seed(0)  # the same model in one process: the same numbers
     model = ViTClassifier(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=10)
     torch.nn.init.normal_(model.head.weight)
-    cfg = parse_config(FinetuneConfig, ["data.batch_size=4", "data.num_workers=0", "model.img_size=16"])
+    cfg = parse_config(FinetuneConfig, ["data.batch_size=4", "data.num_workers=0", "model.img_size=16",
+                                        "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"])
     accelerator = Accelerator(cpu=True)
     val_batches = ShardBatches(val, cfg, transform_for(cfg, "eval"), accelerator=accelerator, train=False)
     alone = classifier_metrics(model, val_batches.batches(), accelerator)

@@ -284,7 +284,8 @@ def test_an_untrained_online_probe_is_at_chance(shards):
     from mae_vit.engine.online_probe import OnlineProbe, ProbeClassifier
     from mae_vit.eval import classifier_metrics
 
-    cfg = parse_config(PretrainConfig, args("unused", shards[0]))
+    cfg = parse_config(PretrainConfig, [*args("unused", shards[0]), "data.mean=[0.5,0.5,0.5]",
+                                        "data.std=[0.25,0.25,0.25]"])
     probe = OnlineProbe(build_model(cfg.model, mae=True), num_classes=10)
     val = ShardBatches(shards[1], cfg, transform_for(cfg, "eval"), accelerator=Accelerator(cpu=True), train=False)
     labels = torch.cat([b["label"] for b in val.batches()])

@@ -27,6 +27,7 @@ from ..eval.features import extract_features
 from ..eval.pixels import pixel_baseline
 from ..files import write_json
 from ..viz.report import read_json, write_report
+from ..viz.run_report import write_run_report
 from .monitor import setup_logging
 
 log = logging.getLogger("mae_vit")
@@ -160,5 +161,7 @@ def run_chain(preset: str, out: str | os.PathLike, data_dir: str | os.PathLike, 
         log.info("[pixels] kNN and logistic regression on the raw pixels")
         write_json(out / PIXELS, pixel_stage(urls))
     report = write_report(out, preset=preset, commands={s.name: s.shown() for s in stages})
-    log.info("report: %s (this invocation took %.0f s)", report, time.perf_counter() - start)
+    runs = write_run_report([s.folder for s in stages], out / "runs")  # what tools/report.py writes: lineage, curves
+    log.info("report: %s, lineage and curves of each run: %s (this invocation took %.0f s)", report, runs,
+             time.perf_counter() - start)
     return report

@@ -70,12 +70,14 @@ def _step(forward: Callable[[], torch.Tensor], optimizer, precision: str, device
 
     def step():
         attention.EXPLICIT_ON_CPU_BF16 = explicit_attention
-        with autocast():
-            loss = forward()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        attention.EXPLICIT_ON_CPU_BF16 = True
+        try:
+            with autocast():
+                loss = forward()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            attention.EXPLICIT_ON_CPU_BF16 = True
     return step
 
 
