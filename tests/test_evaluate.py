@@ -63,6 +63,8 @@ def labels_of(urls):
 def make_run(folder: Path, schema, args, *, num_classes=None, probe_bn=False, hand_set_head=False) -> Path:
     """A run directory as the training tools leave it: config.yaml + model.safetensors of the model it describes."""
     cfg = parse_config(schema, args)
+    if cfg.data.mean is None:  # a training run saves the numbers it used (here ImageNet's, as eval_transform's default)
+        cfg.data.mean, cfg.data.std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     save_config(cfg, folder / "config.yaml")
     mae = cfg.model.name.startswith("mae_")
     torch.manual_seed(0)
@@ -145,7 +147,7 @@ def test_knn_and_fewshot_of_an_mae_run_on_the_demo_data(tmp_path, cache, shards,
     model = build_model(parse_config(PretrainConfig, MAE_SMALL).model, mae=True)
     load_weights(model, mae_run, verbose=False)
     model.eval()
-    tf = eval_transform(16)
+    tf = eval_transform(16)  # ImageNet's normalisation, which make_run wrote into the run's config
 
     def feats(urls):
         batches = list(make_loader(urls, transform=tf, batch_size=100, shuffle=False, drop_last=False))

@@ -249,7 +249,9 @@ def test_two_process_evaluation_counts_every_sample_once(tmp_path):
     torch.nn.init.normal_(model.head.weight)
     cfg = parse_config(FinetuneConfig, ["data.batch_size=4", "data.num_workers=0", "model.img_size=16",
                                         "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"])
-    accelerator = Accelerator(cpu=True)
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)  # earlier tests in this process may have set bf16 (mixed_precision=auto)
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
     val_batches = ShardBatches(val, cfg, transform_for(cfg, "eval"), accelerator=accelerator, train=False)
     alone = classifier_metrics(model, val_batches.batches(), accelerator)
     assert alone["n"] == 21
