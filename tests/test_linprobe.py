@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
 
 from mae_vit.checkpoint import export_safetensors, load_weights
@@ -96,7 +97,8 @@ def test_image_run_keeps_the_checkpoint_encoder_bit_for_bit(shards, tmp_path, ma
 
 def test_feature_cache_run_gives_metrics_and_is_reused_on_resume(shards, tmp_path, mae16, capsys):
     out = tmp_path / "run"
-    argv = ["--checkpoint", str(mae16), "feature_cache=true", "optim.epochs=6", "optim.warmup_epochs=1"]
+    argv = ["--checkpoint", str(mae16), "feature_cache=true", "optim.epochs=6", "optim.warmup_epochs=1",
+            "train.mixed_precision=no"]  # fp32 features, compared with fp32 ones below (auto is bf16 on an AMX CPU)
     first = linprobe(cfg_for(out, shards, *argv, "train.max_steps=9"))
     assert first["step"] == 9 and "extracted 64 train and 16 val features of width 48" in capsys.readouterr().err
     cache = torch.load(out / FEATURES_NAME, weights_only=True)
@@ -106,7 +108,9 @@ def test_feature_cache_run_gives_metrics_and_is_reused_on_resume(shards, tmp_pat
     classifier = create_model("vit_tiny_patch4", img_size=16, num_classes=10, global_pool=False, probe_bn=True,
                               **SIZE).eval()
     load_weights(classifier, mae16)
-    loader = make_loader(shards[1], transform=eval_transform(16), batch_size=16, shuffle=False, drop_last=False)
+    used = yaml.safe_load((out / "config.yaml").read_text())["data"]  # the shards' own statistics, as the run saved
+    loader = make_loader(shards[1], transform=eval_transform(16, mean=used["mean"], std=used["std"]), batch_size=16,
+                         shuffle=False, drop_last=False)
     batch = next(iter(loader))
     with torch.no_grad():
         direct = classifier.pool(classifier.forward_features(batch["image"]))

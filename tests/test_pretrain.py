@@ -269,7 +269,7 @@ def test_the_online_probe_learns_on_labelled_shards_without_changing_the_mae(tmp
     assert "online probe: a linear head on the masked encoder's class token, 10 classes" in err
     assert err.count("online probe top-1") == 4  # every epoch
     # the head learns: its cross-entropy starts at ln 10 = 2.303 (zero weights: every class alike) and falls
-    assert with_probe["online_probe_loss"] < 2.2 and 0 <= with_probe["online_probe_top1"] <= 100
+    assert with_probe["online_probe_loss"] < 2.25 and 0 <= with_probe["online_probe_top1"] <= 100
     without = pretrain(parse_config(PretrainConfig, args(tmp_path / "b", shards[0], *common, "online_probe=false")))
     assert without["online_probe_top1"] is None
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 
 from ..errors import ConfigError
@@ -46,6 +47,9 @@ def make_accelerator(output_dir: str, mixed_precision: str = "no", tf32: bool = 
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; on CPU use 'no' or 'bf16'.")
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
+    # Accelerate keeps one mixed-precision setting per process; a second run in the same Python process (a
+    # notebook: pretrain, then probe) may ask for another one. Keep the process group, forget the rest.
+    AcceleratorState._reset_state(reset_partial_state=False)
     project = ProjectConfiguration(project_dir=output_dir, logging_dir=output_dir)
     # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` or torchrun on a machine
     # without GPUs then form a gloo (MULTI_CPU) group instead of each running alone.
