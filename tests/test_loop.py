@@ -195,6 +195,14 @@ def test_a_run_says_when_the_shards_own_statistics_differ_from_data_mean_and_std
     pretrain(parse_config(PretrainConfig, argv))
     err = " ".join(capsys.readouterr().err.split())
     assert "the training shards' own statistics are mean [0." in err and "to normalise with them: data.mean=[" in err
+    default = ["--output-dir", str(tmp_path / "own"), "--data", shards[0], *MAE, "data.batch_size=16",
+               "train.max_steps=1"]  # data.mean / data.std left null: the shards' own
+    cfg = parse_config(PretrainConfig, default)
+    pretrain(cfg)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "normalising with the training shards' own statistics: data.mean [0." in err and "precision: " in err
+    saved = parse_config(PretrainConfig, ["--config", str(tmp_path / "own" / "config.yaml")])
+    assert saved.data.mean is not None and len(saved.data.std) == 3  # the numbers used, for the tools after it
 
 
 def test_with_no_trackers_a_run_trains_and_writes_no_event_files(tmp_path):

@@ -161,18 +161,26 @@ def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_f
     log.info("%d process(es) x batch %d x %d accumulation = effective batch %d, peak lr %.3g, %d steps/epoch, %d steps "
              "in all", world, d.batch_size, plan.accum, plan.effective_batch, plan.peak_lr, plan.steps_per_epoch,
              plan.total_steps)
+    log.info("precision: %s%s", {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}.get(
+        accelerator.mixed_precision, accelerator.mixed_precision), " (train.mixed_precision=auto: bf16 is fast on this "
+             "device)" if cfg.train.mixed_precision == "auto" and accelerator.mixed_precision == "bf16" else "")
 
 
 def _mention_data_stats(cfg: DictConfig, urls: str | None) -> None:
-    """Say so when the shards' own statistics (make_shards records them) differ from data.mean / data.std."""
+    """Say which normalisation the run uses, and when the shards' own statistics (make_shards records them)
+    differ from the data.mean / data.std it was given."""
+    d = cfg.data
     stats = ((read_index(urls) if urls else None) or {}).get("stats")
-    if not stats:
-        return
-    own = stats["grey" if cfg.model.in_chans == 1 else "rgb"]
-    if any(abs(a - b) > 0.01 for a, b in zip([*own["mean"], *own["std"]], [*cfg.data.mean, *cfg.data.std])):
+    own = stats and stats["grey" if cfg.model.in_chans == 1 else "rgb"]
+    if own and all(abs(a - b) < 1e-6 for a, b in zip([*own["mean"], *own["std"]], [*d.mean, *d.std])):
+        log.info("normalising with the training shards' own statistics: data.mean %s, data.std %s", list(d.mean),
+                 list(d.std))
+    elif own and any(abs(a - b) > 0.01 for a, b in zip([*own["mean"], *own["std"]], [*d.mean, *d.std])):
         log.info("the training shards' own statistics are mean %s std %s (data.mean %s, data.std %s are used); to "
-                 "normalise with them: data.mean=%s data.std=%s", own["mean"], own["std"], list(cfg.data.mean),
-                 list(cfg.data.std), own["mean"], own["std"])
+                 "normalise with them: data.mean=%s data.std=%s", own["mean"], own["std"], list(d.mean),
+                 list(d.std), own["mean"], own["std"])
+    else:
+        log.info("normalising with data.mean %s, data.std %s", list(d.mean), list(d.std))
 
 
 class Loop:
