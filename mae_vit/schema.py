@@ -118,7 +118,7 @@ class DataConfig:
     batch_size: int = key(64, "per process", POSITIVE)
     num_workers: int = key(2, "data-loading worker processes per training process", AT_LEAST_0)
     mean: Optional[List[float]] = key(None, "per-channel normalisation mean; null = the training shards' own (the "
-                                      "statistics make_shards keeps in their index), else ImageNet's", _range(
+                                      "statistics make_shards keeps in their index), else (and for the synthetic demo) ImageNet's", _range(
         lambda v: v is None or (len(v) > 0 and _numbers(v)), "a non-empty list of numbers, or null"))
     std: Optional[List[float]] = key(None, "per-channel normalisation std; null: as data.mean", _range(
         lambda v: v is None or (len(v) > 0 and _numbers(v) and min(v) > 0), "a list of positive numbers, or null"))

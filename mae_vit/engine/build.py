@@ -36,7 +36,7 @@ def resolve_data(cfg: DictConfig, accelerator: Accelerator | None = None) -> tup
     data.mean / data.std is filled in here (`fill_normalisation`), so config.yaml holds the numbers used.
     """
     train, val = _data_urls(cfg.data, accelerator)
-    fill_normalisation(cfg, train)
+    fill_normalisation(cfg, train if cfg.data.train is not None else None)  # the demo: ImageNet's (tuned with them)
     return train, val
 
 
@@ -46,7 +46,8 @@ IMAGENET_MEAN, IMAGENET_STD = {3: [0.485, 0.456, 0.406], 1: [0.449]}, {3: [0.229
 
 def fill_normalisation(cfg: DictConfig, urls: str | None) -> None:
     """Set a null data.mean / data.std to the shards' own statistics (make_shards' index: RGB or grey by
-    model.in_chans), else to ImageNet's (0.5 for other channel counts); say which."""
+    model.in_chans), else to ImageNet's (0.5 for other channel counts); say which. `urls` None (the synthetic
+    demo, whose recipe was tuned with ImageNet's: its kNN margin fell from +17.6 to +10.7 with its own): ImageNet's."""
     d, channels = cfg.data, cfg.model.in_chans
     if d.mean is not None and d.std is not None:
         return
@@ -55,7 +56,8 @@ def fill_normalisation(cfg: DictConfig, urls: str | None) -> None:
         mean, std, source = own["mean"], own["std"], f"the statistics of the training shards ({urls}: their index)"
     else:
         mean, std = IMAGENET_MEAN.get(channels, [0.5] * channels), IMAGENET_STD.get(channels, [0.5] * channels)
-        source = "ImageNet's (the training shards' index has no statistics: make_shards records them)"
+        source = ("ImageNet's (the demo recipe was tuned with them)" if urls is None else
+                  "ImageNet's (the training shards' index has no statistics: make_shards records them)")
     OmegaConf.update(cfg, "data.mean", list(mean) if d.mean is None else list(d.mean), merge=False)
     OmegaConf.update(cfg, "data.std", list(std) if d.std is None else list(d.std), merge=False)
     log.info("data.mean %s, data.std %s: %s", list(cfg.data.mean), list(cfg.data.std), source)

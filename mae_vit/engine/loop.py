@@ -156,7 +156,7 @@ def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_f
                         state.layout, layout)
     state.step, state.layout = plan.first_step, layout
     on_main_process(accelerator, lambda: run.save_config(cfg))
-    _mention_data_stats(cfg, task.train_urls)
+    _mention_data_stats(cfg, task.train_urls if cfg.data.train is not None else None)
     accelerator.init_trackers("logs")
     log.info("%d process(es) x batch %d x %d accumulation = effective batch %d, peak lr %.3g, %d steps/epoch, %d steps "
              "in all", world, d.batch_size, plan.accum, plan.effective_batch, plan.peak_lr, plan.steps_per_epoch,
