@@ -14,19 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from mae_vit.cli import run_tool
 from mae_vit.config import ExportHfConfig, parse_config
-from mae_vit.errors import ConfigError
 
 
 def main(argv):
     cfg = parse_config(ExportHfConfig, argv, prog="export_hf.py")
-    if cfg.checkpoint is None:
-        raise ConfigError("nothing to export: pass --checkpoint PATH (a run directory or a weights file).")
-    from mae_vit.checkpoint import read_file, to_state_dict
-    from mae_vit.engine.build import model_config_from_run, model_from_weights, user_set_keys
+    from mae_vit.engine.build import checkpoint_model
     from mae_vit.hf import export_hf
 
-    cfg = model_config_from_run(cfg.checkpoint, cfg, user_keys=user_set_keys(cfg, argv))
-    model, _ = model_from_weights(cfg.model, to_state_dict(read_file(cfg.checkpoint)), source=cfg.checkpoint)
+    cfg, model = checkpoint_model(cfg, argv)
     folder = export_hf(model, cfg.output_dir)
     print(f"exported {cfg.checkpoint} to {folder} (config.json, model.safetensors)")
     return folder

@@ -16,20 +16,15 @@ import yaml
 
 from mae_vit.cli import run_tool
 from mae_vit.config import ExportOnnxConfig, parse_config
-from mae_vit.errors import ConfigError
 
 
 def main(argv):
     cfg = parse_config(ExportOnnxConfig, argv, prog="export_onnx.py")
-    if cfg.checkpoint is None:
-        raise ConfigError("nothing to export: pass --checkpoint PATH (a run directory or a weights file).")
-    from mae_vit.checkpoint import read_file, to_state_dict
-    from mae_vit.engine.build import find_run_config, model_config_from_run, model_from_weights, user_set_keys
+    from mae_vit.engine.build import checkpoint_model, find_run_config
     from mae_vit.to_onnx import export_onnx
 
-    run_config = find_run_config(cfg.checkpoint)
-    cfg = model_config_from_run(cfg.checkpoint, cfg, user_keys=user_set_keys(cfg, argv))
-    model, _ = model_from_weights(cfg.model, to_state_dict(read_file(cfg.checkpoint)), source=cfg.checkpoint)
+    cfg, model = checkpoint_model(cfg, argv)
+    run_config = find_run_config(cfg.checkpoint)  # its data.mean / data.std go into the file's metadata
     data = (yaml.safe_load(run_config.read_text()) or {}).get("data") or {} if run_config else {}
     path = export_onnx(model, cfg.output, mean=data.get("mean"), std=data.get("std"))
     print(f"exported {cfg.checkpoint} to {path}" + ("" if run_config else " (no run config.yaml: model.* as given)"))

@@ -44,6 +44,12 @@ def resolve_data(cfg: DictConfig, accelerator: Accelerator | None = None) -> tup
 IMAGENET_MEAN, IMAGENET_STD = {3: [0.485, 0.456, 0.406], 1: [0.449]}, {3: [0.229, 0.224, 0.225], 1: [0.226]}
 
 
+def shard_stats(urls: str | None, in_chans: int) -> dict | None:
+    """The shards' own {"mean", "std"} from their index (make_shards' statistics), grey or RGB; None if absent."""
+    stats = ((read_index(urls) if urls else None) or {}).get("stats") or {}
+    return stats.get("grey" if in_chans == 1 else "rgb")
+
+
 def fill_normalisation(cfg: DictConfig, urls: str | None) -> None:
     """Set a null data.mean / data.std to the shards' own statistics (make_shards' index: RGB or grey by
     model.in_chans), else to ImageNet's (0.5 for other channel counts); say which. `urls` None (the synthetic
@@ -51,7 +57,7 @@ def fill_normalisation(cfg: DictConfig, urls: str | None) -> None:
     d, channels = cfg.data, cfg.model.in_chans
     if d.mean is not None and d.std is not None:
         return
-    own = (((read_index(urls) if urls else None) or {}).get("stats") or {}).get("grey" if channels == 1 else "rgb")
+    own = shard_stats(urls, channels)
     if own and len(own["mean"]) == channels:
         mean, std, source = own["mean"], own["std"], f"the statistics of the training shards ({urls}: their index)"
     else:
@@ -261,6 +267,16 @@ def model_from_weights(model: DictConfig, state_dict: dict, *, source: str | os.
     report = load_weights(net, state_dict)
     check_encoder_loaded(report, source)
     return net.eval(), report
+
+
+def checkpoint_model(cfg: DictConfig, argv: Sequence[str]) -> tuple[DictConfig, torch.nn.Module]:
+    """For the export tools: (cfg with the run's model section, the model loaded from cfg.checkpoint)."""
+    from ..checkpoint import read_file, to_state_dict
+    if cfg.checkpoint is None:
+        raise ConfigError("nothing to export: pass --checkpoint PATH (a run directory or a weights file).")
+    cfg = model_config_from_run(cfg.checkpoint, cfg, user_keys=user_set_keys(cfg, argv))
+    model, _ = model_from_weights(cfg.model, to_state_dict(read_file(cfg.checkpoint)), source=cfg.checkpoint)
+    return cfg, model
 
 
 def check_encoder_loaded(report: LoadReport, checkpoint: str | os.PathLike) -> None:

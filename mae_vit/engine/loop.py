@@ -26,10 +26,10 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ..data import read_index
 from ..errors import NonFiniteLossError, StoppedBySignal
 from ..files import write_json
 from .batches import step_batches
+from .build import shard_stats
 from .device import compiled, make_accelerator
 from .lineage import LINEAGE_NAME, lineage
 from .monitor import NonFiniteGuard, StopSignal, TrainMeter, on_main_process, setup_logging
@@ -170,8 +170,7 @@ def _mention_data_stats(cfg: DictConfig, urls: str | None) -> None:
     """Say which normalisation the run uses, and when the shards' own statistics (make_shards records them)
     differ from the data.mean / data.std it was given."""
     d = cfg.data
-    stats = ((read_index(urls) if urls else None) or {}).get("stats")
-    own = stats and stats["grey" if cfg.model.in_chans == 1 else "rgb"]
+    own = shard_stats(urls, cfg.model.in_chans)
     if own and all(abs(a - b) < 1e-6 for a, b in zip([*own["mean"], *own["std"]], [*d.mean, *d.std])):
         log.info("normalising with the training shards' own statistics: data.mean %s, data.std %s", list(d.mean),
                  list(d.std))
