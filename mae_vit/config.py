@@ -219,4 +219,6 @@ class BenchmarkConfig:
     loader: Optional[str] = key(None, "(--data) shard URLs: time the loader alone with 0, 1, 2, ... workers, and say whether "
                               "training would wait for data")
     loader_seconds: float = key(10.0, "--data: seconds per worker count", _range(lambda v: v > 0, "positive"))
+    gpu_decode: bool = key(False, "--data: time the data.gpu_decode path (JPEGs decoded on --device in the main "
+                           "process) instead of decoding in the workers")
     table: Optional[str] = key(None, "print the Markdown table of a JSON file this tool wrote, and nothing else")

@@ -6,6 +6,7 @@
     python tools/benchmark.py sweep=true                        # cost against image size and mask ratio
     python tools/benchmark.py profile=true                      # the top operators
     python tools/benchmark.py --data 'data/train/shard-{000000..000009}.tar'   # the loader alone, and a verdict
+    python tools/benchmark.py --data '...' gpu_decode=true      # the same with the JPEGs decoded on the GPU
     python tools/benchmark.py --table bench.json                # the README table of a saved result
 
 `--help` lists every option. The library code is mae_vit/engine/benchmark.py, compare.py, costs.py,
@@ -19,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from mae_vit.cli import run_tool
 from mae_vit.config import BenchmarkConfig, parse_config
-from mae_vit.engine.benchmark import benchmark_train_step, format_table, read_result, write_result
+from mae_vit.engine.benchmark import (benchmark_train_step, format_table, read_result, resolve_device,
+                                     write_result)
 from mae_vit.engine.compare import compare, markdown
 from mae_vit.engine.costs import profile_step, sweep, sweep_markdown
 from mae_vit.engine.loader_speed import loader_speed
@@ -49,7 +51,8 @@ def main(argv):
         result = step
         if cfg.loader:
             result = loader_speed(cfg.loader, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                                  seconds=cfg.loader_seconds, step_images_per_s=step.images_per_s)
+                                  seconds=cfg.loader_seconds, step_images_per_s=step.images_per_s,
+                                  gpu_decode=str(resolve_device(cfg.device)) if cfg.gpu_decode else None)
     if cfg.json:
         write_result(result, cfg.json)
     return result

@@ -22,7 +22,9 @@ one batch back for that). So the batches of an epoch add up to every skip of the
 rank got no batch at all, in which case the counts are only logged.
 
 Batches (from `make_loader`) are plain dicts: `image` float (B, C, H, W), `label` long (B,) when
-with_labels, `key` list[str], `skipped` int, `skipped_shards` int.
+with_labels, `key` list[str], `skipped` int, `skipped_shards` int. With `keep_jpeg` (data.gpu_decode)
+JPEG members are not decoded: the batch has `encoded`, a list of B tensors, each the JPEG's bytes
+(1-D uint8) or, for other formats, the transform's output; `mae_vit.data.gpu_decode` finishes them.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class ShardDataset(IterableDataset):
         skip_batches: int = 0,
         batch_size: int | None = None,
         drop_last: bool = True,
+        keep_jpeg: bool = False,
     ):
         _check_common(rank, world_size, in_chans, shuffle_buffer)
         self.urls = expand_urls(urls)
@@ -119,6 +122,7 @@ class ShardDataset(IterableDataset):
                 f"Use them where no labels are needed (pretraining), or write labelled shards."
             )
         self.transform = transform
+        self.keep_jpeg = keep_jpeg  # JPEG members stay encoded (1-D uint8 "encoded"): decoded later, on the GPU
         self.mode = "RGB" if in_chans == 3 else "L"
         self.rank, self.world_size = rank, world_size
         self.seed, self.epoch = seed, epoch
@@ -183,8 +187,10 @@ class ShardDataset(IterableDataset):
             image_key = next((k for k in IMAGE_KEYS if k in raw), None)
             if image_key is None:
                 raise ValueError(f"no image member (has {sorted(k for k in raw if not k.startswith('__'))})")
-            with Image.open(io.BytesIO(raw[image_key])) as opened:
-                image = to_8bit(opened).convert(self.mode)  # forces the full decode
+            encoded = self.keep_jpeg and image_key in ("jpg", "jpeg")
+            if not encoded:
+                with Image.open(io.BytesIO(raw[image_key])) as opened:
+                    image = to_8bit(opened).convert(self.mode)  # forces the full decode
             label = None
             if self.with_labels:
                 if "cls" not in raw:
@@ -197,10 +203,13 @@ class ShardDataset(IterableDataset):
             if self._bad_samples <= _MAX_SAMPLE_WARNINGS:
                 log.warning("skipping undecodable sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
             return None
-        tensor = self.transform(image) if self.transform is not None else TF.to_dtype(
-            TF.to_image(image), torch.float32, scale=True
-        )
-        out = {"image": tensor, "key": raw["__key__"]}
+        if encoded:
+            tensor = torch.frombuffer(bytearray(raw[image_key]), dtype=torch.uint8)  # the JPEG's bytes, 1-D
+        elif self.transform is not None:
+            tensor = self.transform(image)
+        else:
+            tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+        out = {"encoded" if self.keep_jpeg else "image": tensor, "key": raw["__key__"]}
         if self.with_labels:
             out["label"] = label
         return out
@@ -282,13 +291,16 @@ def _tar_samples(url: str) -> Generator[dict, None, Exception | None]:
 
 def collate_samples(samples: list[dict]) -> dict:
     """Stack samples into a batch dict and sum their skip counts (count-only records add counts only)."""
-    real = [s for s in samples if "image" in s]
+    real = [s for s in samples if "image" in s or "encoded" in s]
     batch = {
         "skipped": sum(s.get("skipped", 0) for s in samples),
         "skipped_shards": sum(s.get("skipped_shards", 0) for s in samples),
     }
     if real:
-        batch["image"] = torch.stack([s["image"] for s in real])  # (B, C, H, W)
+        if "encoded" in real[0]:  # keep_jpeg: a list of 1-D JPEG bytes or decoded (C, H, W), sizes differ
+            batch["encoded"] = [s["encoded"] for s in real]
+        else:
+            batch["image"] = torch.stack([s["image"] for s in real])  # (B, C, H, W)
         batch["key"] = [s["key"] for s in real]
         if "label" in real[0]:
             batch["label"] = torch.tensor([s["label"] for s in real], dtype=torch.long)  # (B,)
@@ -309,7 +321,7 @@ class ShardLoader(DataLoader):
     def __iter__(self) -> Iterator[dict]:
         held, pending = None, [0, 0]
         for item in super().__iter__():
-            if "image" not in item:  # a count-only record
+            if "image" not in item and "encoded" not in item:  # a count-only record
                 if held is not None:
                     held["skipped"] += item["skipped"]
                     held["skipped_shards"] += item["skipped_shards"]

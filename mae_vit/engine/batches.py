@@ -3,6 +3,7 @@
     transform_for(cfg, "pretrain")      the one place a config becomes a transform
     ShardBatches / TensorBatches        an epoch's batches of this process: .batches(epoch, skip)
     MemoryBatches                       a small data set decoded once, augmented on the device (data.in_memory)
+    GpuDecodeBatches                    shards whose JPEGs are decoded and augmented on the device (data.gpu_decode)
     train_batches(urls, cfg, kind)      the training batches of a config: shards, or in memory
     step_batches(data, plan)            the micro-batches of every optimizer step, epoch after epoch
 
@@ -20,9 +21,11 @@ from typing import Iterable, Iterator
 
 import torch
 from omegaconf import DictConfig
+from torchvision.transforms.v2 import functional as TF
 
 from ..data import (eval_transform, finetune_transform, linprobe_transform, make_loader, pretrain_transform,
                     rank_batch_counts)
+from ..data.gpu_decode import JpegDecoder, crop_flip_each
 from ..data.in_memory import decode_all, random_resized_crop_flip
 from ..errors import DataError
 from .schedule import Plan
@@ -106,6 +109,13 @@ class TensorBatches:
             yield {"image": self.inputs[idx], "label": self.labels[idx], "skipped": 0}
 
 
+def _normaliser(mean, std, device):
+    """x -> (x - mean) / std in place, for (B, C, H, W) batches on `device`."""
+    mean = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return lambda x: x.sub_(mean).div_(std)
+
+
 class MemoryBatches(TensorBatches):
     """A data set held as one uint8 tensor (N, C, H, W) on the device, cropped, flipped and normalised there.
 
@@ -118,22 +128,58 @@ class MemoryBatches(TensorBatches):
         device = torch.device(device or images.device)
         super().__init__(images.to(device), labels.to(device), **options)
         self.crop = dict(out_size=img_size, scale=tuple(crop_scale), hflip=hflip, mode=interpolation)
-        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.normalise = _normaliser(mean, std, device)
 
     def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict]:
         generator = torch.Generator(self.inputs.device)
         for i, batch in enumerate(super().batches(epoch, skip), start=skip):
             generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 1_000_003 + i)
             x = random_resized_crop_flip(batch["image"], generator=generator, **self.crop)  # (B, C, img, img)
-            yield {**batch, "image": x.sub_(self.mean).div_(self.std)}
+            yield {**batch, "image": self.normalise(x)}
+
+
+class GpuDecodeBatches(ShardBatches):
+    """ShardBatches whose workers leave the JPEGs encoded: each batch is decoded (one nvJPEG call on a GPU),
+    cropped, flipped and normalised on the accelerator's device (`mae_vit.data.gpu_decode`). Shares, order
+    and epoch coverage are the shard path's; images that cannot be decoded count in `skipped`."""
+
+    def __init__(self, urls: str, cfg: DictConfig, *, accelerator, img_size: int, labels: bool = True):
+        super().__init__(urls, cfg, TF.pil_to_tensor, accelerator=accelerator, labels=labels)  # non-JPEGs: uint8
+        self.loader_options["keep_jpeg"] = True
+        d, device = cfg.data, accelerator.device
+        self.decoder = JpegDecoder(cfg.model.in_chans, device)
+        self.crop = dict(out_size=img_size, scale=tuple(d.crop_scale), hflip=d.hflip, interpolation=d.interpolation)
+        self.normalise = _normaliser(d.mean, d.std, device)
+
+    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict]:
+        generator = torch.Generator()  # CPU: the boxes follow from the images' sizes, with no host sync
+        o = self.options
+        for i, batch in enumerate(super().batches(epoch, skip), start=skip):
+            generator.manual_seed(((o["seed"] * 1_000_003 + epoch) * 1_009 + o["rank"]) * 1_000_003 + i)
+            items = batch.pop("encoded")
+            images, kept = self.decoder(items, batch["key"])
+            batch["skipped"] += len(items) - len(kept)
+            if not kept:
+                continue
+            if len(kept) < len(items):
+                batch["key"] = [batch["key"][j] for j in kept]
+                if "label" in batch:
+                    batch["label"] = batch["label"][kept]
+            yield {**batch, "image": self.normalise(crop_flip_each(images, generator=generator, **self.crop))}
 
 
 def train_batches(urls: str, cfg: DictConfig, kind: str, *, accelerator, img_size: int | None = None,
                   labels: bool = True):
-    """The training batches of `kind` (pretrain | finetune | linprobe): `ShardBatches` with its transform, or
-    with `data.in_memory` the decoded data set on the accelerator's device (`MemoryBatches`, crop + flip only)."""
+    """The training batches of `kind` (pretrain | finetune | linprobe): `ShardBatches` with its transform; with
+    `data.in_memory` the decoded data set on the accelerator's device (`MemoryBatches`, crop + flip only); with
+    `data.gpu_decode` shards whose JPEGs are decoded on that device (`GpuDecodeBatches`, crop + flip only)."""
     d = cfg.data
+    if d.get("gpu_decode", False) and not d.get("in_memory", False):
+        if accelerator.device.type != "cuda":
+            log.info("data.gpu_decode=true without a GPU: the JPEGs are decoded on the CPU in the training process "
+                     "(the fallback; decoding in the workers, data.gpu_decode=false, is faster here)")
+        return GpuDecodeBatches(urls, cfg, accelerator=accelerator, img_size=img_size or cfg.model.img_size,
+                                labels=labels)
     if not d.get("in_memory", False):
         return ShardBatches(urls, cfg, transform_for(cfg, kind, img_size), accelerator=accelerator, labels=labels)
     images, targets = decode_all(urls, cfg.model.in_chans, labels=labels)

@@ -78,12 +78,13 @@ class Finetune(ClassifierTask):
 
     def check(self, resuming: bool) -> None:
         a = self.cfg.augment
-        if self.cfg.data.in_memory and (a.randaug_num_ops or a.reprob):
+        on_device = next((k for k in ("in_memory", "gpu_decode") if self.cfg.data.get(k)), None)
+        if on_device and (a.randaug_num_ops or a.reprob):
             raise ConfigError(
-                f"data.in_memory=true augments on the device with crop, flip and MixUp/CutMix only; it has no "
+                f"data.{on_device}=true augments on the device with crop, flip and MixUp/CutMix only; it has no "
                 f"RandAugment (augment.randaug_num_ops={a.randaug_num_ops}) and no random erasing (augment.reprob="
                 f"{a.reprob}). Set augment.randaug_num_ops=0 augment.reprob=0 to train without them, or "
-                "data.in_memory=false to keep them.")
+                f"data.{on_device}=false to keep them.")
         super().check(resuming)
 
     def make_train_data(self, val: ShardBatches | None, resumed: bool) -> tuple:
