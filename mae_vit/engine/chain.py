@@ -44,8 +44,11 @@ PRESETS = {
                      "data.batch_size=256", "data.in_memory=true", "optim.base_lr=1.5e-3", "optim.epochs=12",
                      "optim.warmup_epochs=1", "train.mixed_precision=auto", "train.save_every=500",
                      "train.vis_every=500", "train.log_every=20", "knn.every=0"],
-        "finetune": [*_CPU_MODEL, "data.batch_size=128", "data.in_memory=true", "optim.base_lr=1e-3",
-                     "data.crop_scale=[0.35,1.0]", "optim.epochs=8", "optim.warmup_epochs=1",
+        # fine-tuning: flips only, layer decay 0.9, base lr 2e-3; in 2-epoch trials from the same MAE these
+        # took top-1 from 84.5% (crops of 35-100%, decay 0.75, lr 1e-3) to 87.4 (crops 80-100%), 88.6 (no
+        # crop), 88.0 (80-100%, decay 0.9) and 88.9 (80-100%, decay 0.9, lr 2e-3): 28 px clothes are centred
+        "finetune": [*_CPU_MODEL, "data.batch_size=128", "data.in_memory=true", "optim.base_lr=2e-3",
+                     "optim.layer_decay=0.9", "data.crop_scale=[1.0,1.0]", "optim.epochs=8", "optim.warmup_epochs=1",
                      "model.drop_path_rate=0.05", "augment.mixup=0", "augment.cutmix=0", "augment.randaug_num_ops=0",
                      "augment.reprob=0", "train.mixed_precision=auto", "train.save_every=500", "train.log_every=20"],
         "linprobe": [*_CPU_MODEL, "feature_cache=true", "data.batch_size=1024", "data.num_workers=2",
