@@ -39,7 +39,7 @@ MEAN, STD = [0.2860], [0.3530]  # Fashion-MNIST training-set statistics of pixel
 # Fine-tuning from MAE and from scratch get the same overrides: the comparison is at the same budget.
 _CPU_MODEL = ["model.embed_dim=128", "model.depth=6", "model.num_heads=4"]
 PRESETS = {
-    "cpu": {  # about an hour on a 2-core CPU with AMX (bf16); measured: 65 min, figures in the README
+    "cpu": {  # about 50 minutes on a 2-core CPU with AMX (bf16); measured: 51.4 min, figures in the README
         "pretrain": [*_CPU_MODEL, "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4",
                      "data.batch_size=256", "data.in_memory=true", "optim.base_lr=1.5e-3", "optim.epochs=12",
                      "optim.warmup_epochs=1", "train.mixed_precision=auto", "train.save_every=500",
