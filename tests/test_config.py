@@ -35,7 +35,8 @@ def write(path, text):
 def test_defaults_per_tool():
     pre = parse_config(PretrainConfig, [])
     # the pretraining defaults are the CPU demo (the paper's recipes are YAML files in configs/)
-    assert pre.model.name == "mae_vit_tiny_patch4" and pre.optim.base_lr == 4e-3 and pre.optim.epochs == 30 and pre.model.depth == 6
+    assert pre.model.name == "mae_vit_tiny_patch4" and pre.optim.base_lr == 4e-3 and pre.optim.epochs == 60 and pre.model.depth == 6
+    assert pre.data.in_memory is None  # resolved by the tool: true for the synthetic demo only
     assert (pre.model.decoder_embed_dim, pre.model.decoder_depth, pre.model.decoder_num_heads) == (128, 2, 4)
     assert list(pre.optim.betas) == [0.9, 0.95] and pre.train.output_dir == here("runs/pretrain")
 
@@ -44,6 +45,8 @@ def test_defaults_per_tool():
     assert (fin.optim.base_lr, fin.optim.layer_decay, fin.optim.epochs) == (5e-4, 0.75, 100)
     assert (fin.optim.warmup_epochs, fin.optim.min_lr, list(fin.optim.betas)) == (5, 1e-6, [0.9, 0.999])
     assert fin.train.output_dir == here("runs/finetune") and fin.augment.mixup == 0.8 and fin.resolution is None
+
+    assert fin.data.in_memory is False
 
     lin = parse_config(LinprobeConfig, [])
     assert lin.model.global_pool is False and list(lin.data.crop_scale) == [0.08, 1.0]
@@ -61,7 +64,7 @@ def test_defaults_per_tool():
 def test_defaults_of_one_tool_do_not_leak_into_another():
     parse_config(FinetuneConfig, ["optim.epochs=7"])
     assert parse_config(FinetuneConfig, []).optim.epochs == 100
-    assert parse_config(PretrainConfig, []).optim.epochs == 30
+    assert parse_config(PretrainConfig, []).optim.epochs == 60
 
 
 def test_merge_order_defaults_then_yaml_then_cli(tmp_path):
@@ -265,7 +268,7 @@ def test_help_lists_flags_and_every_key_with_default_and_comment(capsys):
     assert "null" in lines["checkpoint"]
     # every leaf key of the schema appears once
     keys = [k for k in lines]
-    assert len(keys) == len(set(keys)) == 12 + 15 + 12 + 6 + 14 + 2  # model, data, optim, augment, train, tool
+    assert len(keys) == len(set(keys)) == 12 + 16 + 12 + 6 + 14 + 2  # model, data, optim, augment, train, tool
 
 
 def test_short_help_flag(capsys):

@@ -15,7 +15,9 @@ from torchvision.transforms import RandomResizedCrop
 
 from mae_vit.data import make_loader, synthetic_samples, write_shards
 from mae_vit.data.in_memory import crop_boxes, decode_all, random_resized_crop_flip
+from mae_vit.config import PretrainConfig, parse_config
 from mae_vit.engine.batches import MemoryBatches
+from mae_vit.engine.pretrain import Pretrain
 from mae_vit.errors import DataError
 
 TINY = ["model.img_size=16", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.decoder_embed_dim=32",
@@ -161,3 +163,14 @@ def test_fine_tuning_in_memory_refuses_randaugment_and_erasing_and_trains_withou
                   "augment.reprob=0")
     assert "in memory: 128 images of 3x32x32 px" in result.stdout + result.stderr
     assert math.isfinite(json.loads((tmp_path / "b" / "metrics.json").read_text())["train_loss"])
+
+
+def test_pretrainings_default_holds_the_synthetic_demo_in_memory_and_streams_given_shards(tmp_path):
+    urls = indexed_shards(tmp_path / "shards")
+    common = [f"data.cache_dir={tmp_path / 'cache'}", "data.synthetic_samples=64"]
+    for argv, parsed, expected in (([], None, True), (["--data", urls], None, False),
+                                   (["data.in_memory=false"], False, False)):
+        cfg = parse_config(PretrainConfig, [*argv, *common])
+        assert cfg.data.in_memory is parsed
+        Pretrain(cfg).check(resuming=False)
+        assert cfg.data.in_memory is expected

@@ -13,7 +13,7 @@ import logging
 import math
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import EXPORT_NAME, export_safetensors
 from ..data import make_loader, read_index
@@ -48,6 +48,8 @@ class Pretrain(Task):
         self.probe_loss_sum, self.probe_batches = 0.0, 0  # the head's cross-entropy this epoch (on the device)
 
     def check(self, resuming: bool) -> None:
+        if self.cfg.data.in_memory is None:  # the default: the small synthetic demo set in memory, shards streamed
+            OmegaConf.update(self.cfg, "data.in_memory", self.cfg.data.train is None, merge=False)
         resolve_data(self.cfg)  # bad paths fail here, before anything is built
 
     def build_model(self, accelerator, resuming: bool) -> torch.nn.Module:
