@@ -146,7 +146,7 @@ class TrainDataConfig(DataConfig):
     gpu_decode: bool = key(False, "DataLoader workers leave JPEGs encoded; the training process decodes each batch "
                            "in one call on the GPU (nvJPEG) and crops, flips and normalises it there: for runs whose "
                            "CPU cores cannot decode as fast as the GPU trains; without a GPU the same code runs on "
-                           "the CPU (slower than the workers); fine-tuning also needs augment.randaug_num_ops=0 "
+                           "the CPU in the training process; fine-tuning also needs augment.randaug_num_ops=0 "
                            "augment.reprob=0; ignored with data.in_memory=true")
 
 

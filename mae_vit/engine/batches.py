@@ -177,7 +177,7 @@ def train_batches(urls: str, cfg: DictConfig, kind: str, *, accelerator, img_siz
     if d.get("gpu_decode", False) and not d.get("in_memory", False):
         if accelerator.device.type != "cuda":
             log.info("data.gpu_decode=true without a GPU: the JPEGs are decoded on the CPU in the training process "
-                     "(the fallback; decoding in the workers, data.gpu_decode=false, is faster here)")
+                     "(the fallback), where the decode shares the cores with the model")
         return GpuDecodeBatches(urls, cfg, accelerator=accelerator, img_size=img_size or cfg.model.img_size,
                                 labels=labels)
     if not d.get("in_memory", False):
