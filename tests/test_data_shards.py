@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mae_vit.data.demo import ensure_demo_shards
-from mae_vit.data.shards import make_loader, rank_batch_counts
+from mae_vit.data.loader import make_loader, rank_batch_counts
 from mae_vit.data.split import kept_in_range, resume_plan
 from mae_vit.data.synthetic import synthetic_samples
 from mae_vit.data.urls import count_tar_samples, expand_urls, read_index

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_vit.data.shards import make_loader
+from mae_vit.data.loader import make_loader
 from mae_vit.data.synthetic import synthetic_samples
 from mae_vit.data.writer import make_shards, shard_urls, write_shards
 from mae_vit.errors import ConfigError, DataError

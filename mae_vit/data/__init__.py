@@ -10,13 +10,8 @@ Typical use:
 
 from mae_vit.data.demo import ensure_demo_shards
 from mae_vit.data.fashion_mnist import load_fashion_mnist, read_idx
-from mae_vit.data.shards import (
-    ShardDataset,
-    ShardLoader,
-    collate_samples,
-    make_loader,
-    rank_batch_counts,
-)
+from mae_vit.data.loader import ShardLoader, make_loader, rank_batch_counts
+from mae_vit.data.shards import ShardDataset, collate_samples
 from mae_vit.data.sources import SampleSource, open_source
 from mae_vit.data.synthetic import synthetic_sample, synthetic_samples
 from mae_vit.data.transforms import (

@@ -21,7 +21,7 @@ worker's previous batch; what is left when the worker ends comes as a count-only
 one batch back for that). So the batches of an epoch add up to every skip of the epoch -- unless the
 rank got no batch at all, in which case the counts are only logged.
 
-Batches (from `make_loader`) are plain dicts: `image` float (B, C, H, W), `label` long (B,) when
+Batches (from `make_loader`, in `mae_vit.data.loader`) are plain dicts: `image` float (B, C, H, W), `label` long (B,) when
 with_labels, `key` list[str], `skipped` int, `skipped_shards` int. With `keep_jpeg` (data.gpu_decode)
 JPEG members are not decoded: the batch has `encoded`, a list of B tensors, each the JPEG's bytes
 (1-D uint8) or, for other formats, the transform's output; `mae_vit.data.gpu_decode` finishes them.
@@ -37,7 +37,7 @@ from typing import Callable, Generator, Iterator
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
@@ -305,87 +305,3 @@ def collate_samples(samples: list[dict]) -> dict:
         if "label" in real[0]:
             batch["label"] = torch.tensor([s["label"] for s in real], dtype=torch.long)  # (B,)
     return batch
-
-
-def _unchanged(item: dict) -> dict:
-    """The DataLoader's per-item collate when the dataset batches (module level: picklable for spawn)."""
-    return item
-
-
-class ShardLoader(DataLoader):
-    """DataLoader over a batching ShardDataset: folds count-only records into a neighbouring batch.
-
-    It holds one batch back so that counts arriving after the last batch still reach a batch.
-    """
-
-    def __iter__(self) -> Iterator[dict]:
-        held, pending = None, [0, 0]
-        for item in super().__iter__():
-            if "image" not in item and "encoded" not in item:  # a count-only record
-                if held is not None:
-                    held["skipped"] += item["skipped"]
-                    held["skipped_shards"] += item["skipped_shards"]
-                else:
-                    pending = [pending[0] + item["skipped"], pending[1] + item["skipped_shards"]]
-                continue
-            item["skipped"] += pending[0]
-            item["skipped_shards"] += pending[1]
-            pending = [0, 0]
-            if held is not None:
-                yield held
-            held = item
-        if held is not None:
-            yield held
-        elif pending[0] or pending[1]:
-            log.warning("this rank got no batch this epoch; %d samples and %d shards were skipped", *pending)
-
-
-def make_loader(urls: str | list[str], *, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
-                **dataset_options) -> ShardLoader:
-    """A `ShardLoader` over this rank's share of one epoch, yielding batch dicts (see module doc).
-
-    `dataset_options` go to `ShardDataset` (transform, in_chans, rank, world_size, seed, epoch, shuffle,
-    shuffle_buffer, with_labels, skip_batches, drop_last). Batches never mix workers (each worker
-    batches its own samples, as any DataLoader over an IterableDataset does), so with drop_last each
-    worker drops its own last partial batch: `rank_batch_counts` says how many full batches each rank
-    delivers. Augmentation randomness in the workers is seeded from (seed, epoch, rank) through the
-    DataLoader's generator. The loader already holds only this rank's
-    share: do not wrap it in a DistributedSampler or `accelerator.prepare` (that would split it again).
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ConfigError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
-    dataset = ShardDataset(urls, batch_size=batch_size, **dataset_options)
-    generator = torch.Generator()
-    generator.manual_seed((dataset.seed * 1_000_003 + dataset.epoch) * 1_009 + dataset.rank)
-    return ShardLoader(
-        dataset,
-        batch_size=None,  # the dataset batches (per worker, as a DataLoader would) to carry the skip counts
-        num_workers=num_workers,
-        collate_fn=_unchanged,
-        pin_memory=pin_memory,
-        generator=generator,
-    )
-
-
-def rank_batch_counts(
-    urls: str | list[str],
-    *,
-    world_size: int,
-    num_workers: int,
-    batch_size: int,
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle: bool = True,
-    drop_last: bool = True,
-) -> list[int]:
-    """Batches each rank's `make_loader(...)` delivers in `epoch` (world_size ints), from the index or tar headers.
-
-    Counts each worker's batches separately (as the DataLoader makes them); identical on every rank.
-    Training takes the smallest: the number of steps every rank can share. Bad samples can make a rank
-    deliver fewer, so a training loop must still cope with a loader that runs out first.
-    """
-    counts = worker_sample_counts(shard_sample_counts(expand_urls(urls)), world_size=world_size,
-                                  num_workers=num_workers, seed=seed, epoch=epoch, shuffle=shuffle)
-    return [sum(worker_batch_counts(per_worker, batch_size, drop_last)) for per_worker in counts]
