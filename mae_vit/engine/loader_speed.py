@@ -13,13 +13,11 @@ rate, with the train step's images/s: below it, training waits for data.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import Dict, Optional, Sequence
 
-from omegaconf import OmegaConf
-
-from types import SimpleNamespace
-
 import torch
+from omegaconf import OmegaConf
 
 from mae_vit.data import expand_urls, make_loader, read_index
 from mae_vit.engine.batches import GpuDecodeBatches, transform_for
