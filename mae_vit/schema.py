@@ -137,12 +137,12 @@ class TrainDataConfig(DataConfig):
     crop_scale: List[float] = key([0.2, 1.0], "RandomResizedCrop scale", _range(
         lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two increasing numbers in (0, 1], e.g. [0.2, 1.0]"))
     hflip: bool = key(True, "random horizontal flips during training")
-    in_memory: Optional[bool] = key(False, "null (pretraining's default): true for the synthetic demo shards, false "
-                                    "for --data shards. true: decode the training shards once into one uint8 tensor "
-                          "on the device (the GPU if any) and crop, flip and normalise whole batches there; for "
-                          "small sets of one image size (Fashion-MNIST, CIFAR), at most 8 GiB; resizes without "
-                          "antialiasing; fine-tuning also needs augment.randaug_num_ops=0 augment.reprob=0; linear probing with "
-                          "feature_cache=true caches features instead")
+    in_memory: Optional[bool] = key(False, (
+        "null (pretraining's default): true for the synthetic demo shards, false for --data shards. true: decode "
+        "the training shards once into one uint8 tensor on the device (the GPU if any) and crop, flip and "
+        "normalise whole batches there; for small sets of one image size (Fashion-MNIST, CIFAR), at most 8 GiB; "
+        "resizes without antialiasing; fine-tuning also needs augment.randaug_num_ops=0 augment.reprob=0; linear "
+        "probing with feature_cache=true caches features instead"))
     gpu_decode: bool = key(False, "DataLoader workers leave JPEGs encoded; the training process decodes each batch "
                            "in one call on the GPU (nvJPEG) and crops, flips and normalises it there: for runs whose "
                            "CPU cores cannot decode as fast as the GPU trains; without a GPU the same code runs on "

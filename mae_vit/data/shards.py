@@ -21,10 +21,11 @@ worker's previous batch; what is left when the worker ends comes as a count-only
 one batch back for that). So the batches of an epoch add up to every skip of the epoch -- unless the
 rank got no batch at all, in which case the counts are only logged.
 
-Batches (from `make_loader`, in `mae_vit.data.loader`) are plain dicts: `image` float (B, C, H, W), `label` long (B,) when
-with_labels, `key` list[str], `skipped` int, `skipped_shards` int. With `keep_jpeg` (data.gpu_decode)
-JPEG members are not decoded: the batch has `encoded`, a list of B tensors, each the JPEG's bytes
-(1-D uint8) or, for other formats, the transform's output; `mae_vit.data.gpu_decode` finishes them.
+Batches (from `make_loader`, in `mae_vit.data.loader`) are plain dicts: `image` float (B, C, H, W),
+`label` long (B,) when with_labels, `key` list[str], `skipped` int, `skipped_shards` int. With
+`keep_jpeg` (data.gpu_decode) JPEG members are not decoded: the batch has `encoded`, a list of B
+tensors, each the JPEG's bytes (1-D uint8) or, for other formats, the transform's output;
+`mae_vit.data.gpu_decode` finishes them.
 """
 
 from __future__ import annotations
