@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError
-from .files import atomic_path
-from .layers import resize_pos_embed
+from mae_vit.errors import CheckpointError
+from mae_vit.files import atomic_path
+from mae_vit.layers import resize_pos_embed
 
 log = logging.getLogger(__name__)
 

@@ -82,3 +82,8 @@ def _finite_or_none(data):
 def write_json(path: str | os.PathLike, data) -> Path:
     """`data` as indented, strictly valid JSON (NaN and infinities written as null)."""
     return write_text(path, json.dumps(_finite_or_none(data), indent=1, allow_nan=False) + "\n")
+
+
+def expand_path(path: str | os.PathLike) -> str:
+    """`~` and `$VARS` expanded, then absolute (relative to the current folder)."""
+    return os.path.abspath(os.path.expanduser(os.path.expandvars(os.fspath(path))))

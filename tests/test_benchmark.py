@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter as torch_flop_counter
 
-from mae_vit.cli import run_tool
-from mae_vit.engine import benchmark as bench
-from mae_vit.engine import flops
+from mae_vit.config.cli import run_tool
+from mae_vit.bench import benchmark as bench
+from mae_vit.bench import flops
 from mae_vit.errors import ConfigError
 
 # a small decoder keeps the tests fast; the encoder is the real tiny ViT (192 wide, 12 blocks, 3 heads)
@@ -115,7 +115,7 @@ def test_bf16_autocast_on_cpu_counts_the_same_flops():
     )
     assert r.precision == "bf16" and r.images_per_s > 0
     assert r.train_flops_per_image == hand_count(16, 4, 3, 192, 12, 64, 2, 0.75)[0]
-    from mae_vit.engine.device import fast_bf16
+    from mae_vit.train.device import fast_bf16
     amx = fast_bf16(torch.device("cpu"))
     assert bench.resolve_precision("auto", torch.device("cpu")) == ("bf16" if amx else "fp32")
 

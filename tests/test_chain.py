@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from mae_vit.engine import chain
+from mae_vit.apps import chain
 
 TINY_MODEL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=7"]
 TINY = {

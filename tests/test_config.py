@@ -5,7 +5,7 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from mae_vit.cli import run_tool
+from mae_vit.config.cli import run_tool
 from mae_vit.config import (
     EvaluateConfig,
     FinetuneConfig,
@@ -414,7 +414,7 @@ def test_a_null_mean_and_std_become_the_shards_own_statistics_else_imagenets(tmp
     import numpy as np
 
     from mae_vit.data.writer import shard_urls, write_shards
-    from mae_vit.engine.build import fill_normalisation
+    from mae_vit.train.build import fill_normalisation
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(6)]  # grey

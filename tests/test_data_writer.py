@@ -189,7 +189,7 @@ def test_make_shards_tool(tmp_path, capsys):
     import runpy
     from pathlib import Path
 
-    from mae_vit.cli import run_tool
+    from mae_vit.config.cli import run_tool
 
     tool = runpy.run_path(str(Path(__file__).parents[1] / "tools" / "make_shards.py"))
     argv = ["source=synthetic", f"output_dir={tmp_path}", "num_samples=6", "img_size=8", "samples_per_shard=4"]

@@ -1,4 +1,4 @@
-"""tools/evaluate.py and mae_vit.engine.evaluate: exact top-1 of a hand-set head, kNN / few-shot, the model from the
+"""tools/evaluate.py and mae_vit.apps.evaluate: exact top-1 of a hand-set head, kNN / few-shot, the model from the
 run's config.yaml, errors (missing head, MAE with top1, bad path, foreign metrics.json), two processes."""
 
 import importlib.util
@@ -13,11 +13,11 @@ from conftest import free_port
 import torch
 
 from mae_vit.checkpoint import export_safetensors, load_weights
-from mae_vit.cli import run_tool
+from mae_vit.config.cli import run_tool
 from mae_vit.config import EvaluateConfig, FinetuneConfig, LinprobeConfig, PretrainConfig, parse_config, save_config
 from mae_vit.data import ensure_demo_shards, eval_transform, make_loader
-from mae_vit.engine.build import build_model, find_run_config, model_config_from_run, user_set_keys
-from mae_vit.engine.evaluate import features_in_key_order, key_id
+from mae_vit.train.build import build_model, find_run_config, model_config_from_run, user_set_keys
+from mae_vit.apps.evaluate import features_in_key_order, key_id
 from mae_vit.eval import knn_accuracy
 from mae_vit.models import create_model
 
@@ -278,7 +278,7 @@ def test_two_processes_count_every_val_sample_once(tmp_path, cache):
 
 
 def test_progress_bar_knows_the_batches_of_each_rank(shards):
-    from mae_vit.engine.evaluate import rank_batches
+    from mae_vit.apps.evaluate import rank_batches
 
     val = shards[1]  # 16 samples in 4 shards of 4
     assert rank_batches(val, rank=0, world_size=1, num_workers=0, batch_size=5) == 4  # 5 + 5 + 5 + 1

@@ -15,8 +15,8 @@ import pytest
 from mae_vit.checkpoint import load_weights
 from mae_vit.config import PretrainConfig, parse_config
 from mae_vit.data import ensure_demo_shards
-from mae_vit.engine.build import build_model
-from mae_vit.engine.rundir import RunDir, read_state
+from mae_vit.train.build import build_model
+from mae_vit.train.rundir import RunDir, read_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.img_size=16", "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=32",
@@ -43,18 +43,18 @@ os.replace = killing(os.replace)
 os.unlink = killing(os.unlink)
 shutil.rmtree = killing(shutil.rmtree)
 torch.optim.AdamW.step = killing(torch.optim.AdamW.step)
-from mae_vit.engine import rundir
+from mae_vit.train import rundir
 real_save = rundir.save_checkpoint
 def save_and_say(*a, **kw):
     path = real_save(*a, **kw)
     print(f"SAVED {path.name}", flush=True)
     return path
 rundir.save_checkpoint = save_and_say
-import mae_vit.engine.loop as loop
+import mae_vit.train.loop as loop
 loop.save_checkpoint = save_and_say
-from mae_vit.cli import run_tool
+from mae_vit.config.cli import run_tool
 from mae_vit.config import PretrainConfig, parse_config
-from mae_vit.engine.pretrain import pretrain
+from mae_vit.tasks.pretrain import pretrain
 run_tool(lambda argv: pretrain(parse_config(PretrainConfig, argv)), sys.argv[2:])
 print("EVENTS", count[0], flush=True)
 """

@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 from mae_vit.checkpoint import export_safetensors, load_weights
 from mae_vit.config import FinetuneConfig, parse_config
 from mae_vit.data import ensure_demo_shards
-from mae_vit.engine.batches import ShardBatches, transform_for
-from mae_vit.engine.classify import BEST_NAME, METRICS_NAME, read_pretrained, resolve_num_classes, soft_target_cross_entropy
+from mae_vit.train.batches import ShardBatches, transform_for
+from mae_vit.tasks.classify import BEST_NAME, METRICS_NAME, read_pretrained, resolve_num_classes, soft_target_cross_entropy
 from mae_vit.eval import classifier_metrics
-from mae_vit.engine.finetune import Finetune, build_finetune_model
-from mae_vit.engine.optim import set_lr
-from mae_vit.engine.rundir import RunDir, read_state
+from mae_vit.tasks.finetune import Finetune, build_finetune_model
+from mae_vit.train.optim import set_lr
+from mae_vit.train.rundir import RunDir, read_state
 from mae_vit.errors import CheckpointError, ConfigError, DataError
 from mae_vit.layers import resize_pos_embed
 from mae_vit.models import ViTClassifier, create_model
@@ -156,7 +156,7 @@ def test_num_classes_from_index_or_config(shards, tmp_path):
 
 
 def test_end_to_end_run_exports_best_and_last_and_resumes(shards, tmp_path, mae16, capsys):
-    from mae_vit.engine.finetune import finetune
+    from mae_vit.tasks.finetune import finetune
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
@@ -205,7 +205,7 @@ EVAL_SCRIPT = textwrap.dedent("""
     import json, sys, pathlib, torch
     from accelerate import Accelerator
     from mae_vit.config import FinetuneConfig, parse_config
-    from mae_vit.engine.batches import ShardBatches, transform_for
+    from mae_vit.train.batches import ShardBatches, transform_for
     from mae_vit.eval import classifier_metrics
     from mae_vit.models import ViTClassifier
 

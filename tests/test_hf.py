@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mae_vit.errors import CheckpointError
-from mae_vit.hf import export_hf
+from mae_vit.export.hf import export_hf
 from mae_vit.models import create_model
 
 transformers = pytest.importorskip("transformers", reason="transformers is an optional test dependency")

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from mae_vit.checkpoint import export_safetensors, load_weights
 from mae_vit.config import LinprobeConfig, parse_config
 from mae_vit.data import ensure_demo_shards, eval_transform, make_loader
-from mae_vit.engine.classify import FEATURES_NAME, METRICS_NAME, read_pretrained
-from mae_vit.engine.linprobe import build_lars, build_probe, linprobe
-from mae_vit.engine.optim import LARS
-from mae_vit.engine.rundir import RunDir, read_state
+from mae_vit.tasks.classify import FEATURES_NAME, METRICS_NAME, read_pretrained
+from mae_vit.tasks.linprobe import build_lars, build_probe, linprobe
+from mae_vit.train.optim import LARS
+from mae_vit.train.rundir import RunDir, read_state
 from mae_vit.models import create_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +154,7 @@ def test_cli_bad_checkpoint_exits_2_and_writes_nothing(shards, tmp_path):
 
 
 def test_overwrite_deletes_the_probe_outputs_and_a_refusal_keeps_them(shards, tmp_path):
-    from mae_vit.engine.classify import BEST_NAME
+    from mae_vit.tasks.classify import BEST_NAME
     from mae_vit.errors import ConfigError
 
     out = tmp_path / "run"

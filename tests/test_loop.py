@@ -13,11 +13,11 @@ from mae_vit.config import FinetuneConfig, PretrainConfig, parse_config
 from mae_vit.data import ensure_demo_shards, rank_batch_counts
 from mae_vit.data.synthetic import synthetic_samples
 from mae_vit.data.writer import shard_urls, write_shards
-from mae_vit.engine.finetune import finetune
-from mae_vit.engine.monitor import StopSignal
-from mae_vit.engine.pretrain import pretrain
-from mae_vit.engine.rundir import RunDir, read_state
-from mae_vit.engine.schedule import lr_at
+from mae_vit.tasks.finetune import finetune
+from mae_vit.train.monitor import StopSignal
+from mae_vit.tasks.pretrain import pretrain
+from mae_vit.train.rundir import RunDir, read_state
+from mae_vit.train.schedule import lr_at
 from mae_vit.errors import ConfigError, StoppedBySignal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,16 +145,16 @@ def test_a_run_resumed_with_another_number_of_processes_ends_at_the_same_sample_
 
 FULL_DISK = """
 import os, sys
-from mae_vit.engine import rundir
+from mae_vit.train import rundir
 real = rundir.write_json
 def write_json(path, data):
     if os.environ.get("RANK") == "0" and path.name == "COMPLETE":
         raise OSError(28, "No space left on device")
     return real(path, data)
 rundir.write_json = write_json
-from mae_vit.cli import run_tool
+from mae_vit.config.cli import run_tool
 from mae_vit.config import PretrainConfig, parse_config
-from mae_vit.engine.pretrain import pretrain
+from mae_vit.tasks.pretrain import pretrain
 run_tool(lambda argv: pretrain(parse_config(PretrainConfig, argv)), sys.argv[1:])
 """
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mae_vit.engine.optim import LARS, build_optimizer, param_groups, set_lr
+from mae_vit.train.optim import LARS, build_optimizer, param_groups, set_lr
 from mae_vit.models import MaskedAutoencoderViT, VisionTransformer, create_model
 
 

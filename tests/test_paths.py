@@ -10,7 +10,7 @@ import pytest
 from mae_vit.config import (BenchmarkConfig, EvaluateConfig, FinetuneConfig, MakeShardsConfig, PretrainConfig,
                             parse_config)
 from mae_vit.data import ensure_demo_shards
-from mae_vit.paths import expand_path, expand_source, expand_spec
+from mae_vit.config.paths import expand_path, expand_source, expand_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 

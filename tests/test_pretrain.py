@@ -14,7 +14,7 @@ import torch
 
 from mae_vit.config import PretrainConfig, parse_config
 from mae_vit.data import ensure_demo_shards
-from mae_vit.engine.rundir import RunDir, read_state
+from mae_vit.train.rundir import RunDir, read_state
 from mae_vit.errors import ConfigError, NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def run_tool(argv, timeout=240, **kw):
 
 
 def test_short_run_loss_falls_and_leaves_everything(tmp_path, shards):
-    from mae_vit.engine.pretrain import pretrain
+    from mae_vit.tasks.pretrain import pretrain
 
     out = tmp_path / "run"
     cfg = parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=6", "optim.base_lr=2e-3",
@@ -59,7 +59,7 @@ def test_short_run_loss_falls_and_leaves_everything(tmp_path, shards):
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     # the export loads strictly into a fresh MAE of the same config
     from mae_vit.checkpoint import load_weights
-    from mae_vit.engine.build import build_model
+    from mae_vit.train.build import build_model
     assert not load_weights(build_model(cfg.model, mae=True), out / "model.safetensors", strict=True).missing
 
 
@@ -87,7 +87,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_final_step(tmp_path, shards):
 
 def test_half_written_checkpoint_is_never_resumed(tmp_path, shards):
     out = tmp_path / "run"
-    from mae_vit.engine.pretrain import pretrain
+    from mae_vit.tasks.pretrain import pretrain
 
     pretrain(parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=1", "train.save_every=4")))
     run = RunDir(out)
@@ -102,7 +102,7 @@ def test_half_written_checkpoint_is_never_resumed(tmp_path, shards):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shards, monkeypatch):
-    from mae_vit.engine.pretrain import pretrain
+    from mae_vit.tasks.pretrain import pretrain
     from mae_vit.models import MaskedAutoencoderViT
 
     calls = {"n": 0}
@@ -130,7 +130,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shards, 
 
 def test_a_non_finite_loss_is_recovered_from_the_last_checkpoint_skipping_the_data_that_diverged(
         tmp_path, shards, monkeypatch, capsys):
-    from mae_vit.engine.pretrain import pretrain
+    from mae_vit.tasks.pretrain import pretrain
     from mae_vit.models import MaskedAutoencoderViT
 
     calls = {"n": 0}
@@ -165,7 +165,7 @@ def test_config_errors_exit_2_and_write_nothing(tmp_path, shards):
 
 
 def test_resume_false_refuses_existing_run_unless_overwrite(tmp_path, shards):
-    from mae_vit.engine.pretrain import pretrain
+    from mae_vit.tasks.pretrain import pretrain
 
     out = tmp_path / "run"
     pretrain(parse_config(PretrainConfig, args(out, shards[0], "optim.epochs=1", "train.save_every=100")))
@@ -225,7 +225,7 @@ def test_sigterm_saves_a_checkpoint_at_once_and_exits_75(tmp_path, shards):
 def test_encoder_check_compares_with_the_runs_own_initial_weights_on_the_validation_split(tmp_path, shards,
                                                                                           monkeypatch):
     """The last lines of a run compare kNN on data.val of the trained encoder and of its step-0 weights."""
-    from mae_vit.engine import pretrain as pretrain_module
+    from mae_vit.tasks import pretrain as pretrain_module
 
     seen = []
     real = pretrain_module.knn_monitor
@@ -252,7 +252,7 @@ def test_encoder_check_compares_with_the_runs_own_initial_weights_on_the_validat
 
 
 def test_no_encoder_check_without_labelled_validation_shards(tmp_path, shards):
-    from mae_vit.engine.pretrain import pretrain
+    from mae_vit.tasks.pretrain import pretrain
 
     summary = pretrain(parse_config(PretrainConfig, args(tmp_path / "run", shards[0], "optim.epochs=1")))
     assert summary["vs_random"] is None and summary["step"] == 8
@@ -261,7 +261,7 @@ def test_no_encoder_check_without_labelled_validation_shards(tmp_path, shards):
 def test_the_online_probe_learns_on_labelled_shards_without_changing_the_mae(tmp_path, shards, capsys):
     from safetensors.torch import load_file
 
-    from mae_vit.engine.pretrain import pretrain
+    from mae_vit.tasks.pretrain import pretrain
 
     common = [f"data.val={shards[1]}", "optim.epochs=4", "optim.base_lr=2e-3", "knn.vs_random=false"]
     with_probe = pretrain(parse_config(PretrainConfig, args(tmp_path / "a", shards[0], *common)))
@@ -279,9 +279,9 @@ def test_the_online_probe_learns_on_labelled_shards_without_changing_the_mae(tmp
 def test_an_untrained_online_probe_is_at_chance(shards):
     from accelerate import Accelerator
 
-    from mae_vit.engine.batches import ShardBatches, transform_for
-    from mae_vit.engine.build import build_model
-    from mae_vit.engine.online_probe import OnlineProbe, ProbeClassifier
+    from mae_vit.train.batches import ShardBatches, transform_for
+    from mae_vit.train.build import build_model
+    from mae_vit.tasks.online_probe import OnlineProbe, ProbeClassifier
     from mae_vit.eval import classifier_metrics
 
     cfg = parse_config(PretrainConfig, [*args("unused", shards[0]), "data.mean=[0.5,0.5,0.5]",

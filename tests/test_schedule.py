@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mae_vit.engine.schedule import accumulation_steps, lr_at, schedule_steps, scaled_lr
+from mae_vit.train.schedule import accumulation_steps, lr_at, schedule_steps, scaled_lr
 from mae_vit.errors import ConfigError
 
 # peak 1.0, floor 0.1, 10 warmup steps, 110 steps in all: the cosine phase is 100 steps long.

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mae_vit.data.demo import ensure_demo_shards
-from mae_vit.engine.device import compiled, fast_bf16, make_accelerator
-from mae_vit.engine.costs import activation_bytes, sweep
-from mae_vit.engine.loader_speed import loader_speed
-from mae_vit.engine.optim import build_optimizer, param_groups
+from mae_vit.train.device import compiled, fast_bf16, make_accelerator
+from mae_vit.bench.costs import activation_bytes, sweep
+from mae_vit.bench.loader_speed import loader_speed
+from mae_vit.train.optim import build_optimizer, param_groups
 from mae_vit.layers import attention
 from mae_vit.models import create_model
 

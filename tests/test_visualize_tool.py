@@ -1,4 +1,4 @@
-"""tools/visualize.py and mae_vit.engine.visualize: every promised file for an MAE and a classifier run, the model
+"""tools/visualize.py and mae_vit.apps.visualize: every promised file for an MAE and a classifier run, the model
 from the run's config.yaml, the images picked by the seed, bad checkpoints -> exit 2."""
 
 import importlib.util
@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from mae_vit.checkpoint import export_safetensors
-from mae_vit.cli import run_tool
+from mae_vit.config.cli import run_tool
 from mae_vit.config import LinprobeConfig, PretrainConfig, parse_config, save_config
 from mae_vit.data import ensure_demo_shards
-from mae_vit.engine.build import build_model
-from mae_vit.engine.visualize import sample_images
+from mae_vit.train.build import build_model
+from mae_vit.apps.visualize import sample_images
 from mae_vit.models import create_model
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "visualize.py"

@@ -9,7 +9,7 @@
     python tools/benchmark.py --data '...' gpu_decode=true      # the same with the JPEGs decoded on the GPU
     python tools/benchmark.py --table bench.json                # the README table of a saved result
 
-`--help` lists every option. The library code is mae_vit/engine/benchmark.py, compare.py, costs.py,
+`--help` lists every option. The library code is mae_vit/bench/benchmark.py, compare.py, costs.py,
 loader_speed.py.
 """
 
@@ -18,13 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mae_vit.cli import run_tool
+from mae_vit.config.cli import run_tool
 from mae_vit.config import BenchmarkConfig, parse_config
-from mae_vit.engine.benchmark import (benchmark_train_step, format_table, read_result, resolve_device,
+from mae_vit.bench.benchmark import (benchmark_train_step, format_table, read_result, resolve_device,
                                      write_result)
-from mae_vit.engine.compare import compare, markdown
-from mae_vit.engine.costs import profile_step, sweep, sweep_markdown
-from mae_vit.engine.loader_speed import loader_speed
+from mae_vit.bench.compare import compare, markdown
+from mae_vit.bench.costs import profile_step, sweep, sweep_markdown
+from mae_vit.bench.loader_speed import loader_speed
 
 
 def main(argv):

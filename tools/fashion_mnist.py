@@ -14,14 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mae_vit.cli import run_tool
+from mae_vit.config.cli import run_tool
 from mae_vit.config import ChainConfig, parse_config
-from mae_vit.paths import expand_path
+from mae_vit.config.paths import expand_path
 
 
 def main(argv):
     cfg = parse_config(ChainConfig, argv, prog="fashion_mnist.py")
-    from mae_vit.engine.chain import run_chain  # after parsing: --help and config errors stay fast
+    from mae_vit.apps.chain import run_chain  # after parsing: --help and config errors stay fast
 
     out = cfg.output_dir or expand_path(f"runs/fashion_mnist_{cfg.preset}")
     print(run_chain(cfg.preset, out, cfg.data_dir, cfg.source))

@@ -8,13 +8,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mae_vit.cli import run_tool
+from mae_vit.config.cli import run_tool
 from mae_vit.config import FinetuneConfig, parse_config
 
 
 def main(argv):
     cfg = parse_config(FinetuneConfig, argv, prog="finetune.py")
-    from mae_vit.engine.finetune import finetune  # after parsing: --help and config errors stay fast
+    from mae_vit.tasks.finetune import finetune  # after parsing: --help and config errors stay fast
 
     finetune(cfg)
 

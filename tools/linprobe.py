@@ -9,13 +9,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mae_vit.cli import run_tool
+from mae_vit.config.cli import run_tool
 from mae_vit.config import LinprobeConfig, parse_config
 
 
 def main(argv):
     cfg = parse_config(LinprobeConfig, argv, prog="linprobe.py")
-    from mae_vit.engine.linprobe import linprobe  # after parsing: --help and config errors stay fast
+    from mae_vit.tasks.linprobe import linprobe  # after parsing: --help and config errors stay fast
 
     linprobe(cfg)
 

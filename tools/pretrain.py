@@ -7,13 +7,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mae_vit.cli import run_tool
+from mae_vit.config.cli import run_tool
 from mae_vit.config import PretrainConfig, parse_config
 
 
 def main(argv):
     cfg = parse_config(PretrainConfig, argv, prog="pretrain.py")
-    from mae_vit.engine.pretrain import pretrain  # after parsing: --help and config errors stay fast
+    from mae_vit.tasks.pretrain import pretrain  # after parsing: --help and config errors stay fast
 
     pretrain(cfg)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from mae_vit.data.synthetic import CLASS_NAMES, check_synthetic_args, synthetic_samples
 from mae_vit.data.writer import shard_urls, write_shards
 from mae_vit.errors import DataError
-from mae_vit.paths import expand_path
+from mae_vit.files import expand_path
 
 TRAIN_SHARDS = 8
 VAL_SHARDS = 4

@@ -5,7 +5,7 @@ by the shard reader (`ShardDataset`: undecodable samples are skipped and logged 
 into one uint8 tensor (N, C, H, W) and labels (N,) (-1 when unlabelled). That needs every image to
 have the same size and the tensor to stay under `MEMORY_LIMIT` (8 GiB); otherwise a DataError says
 which, and to set data.in_memory=false. Every process holds the whole set and takes its share of each
-epoch (`engine.batches.MemoryBatches`).
+epoch (`train.batches.MemoryBatches`).
 
 The training augmentation then runs on whole batches on that device: `random_resized_crop_flip` draws,
 per image, the crop torchvision's RandomResizedCrop draws (10 tries of an area in `scale` and a

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Attention
-from .mlp import Mlp
+from mae_vit.layers.attention import Attention
+from mae_vit.layers.mlp import Mlp
 
 LN_EPS = 1e-6  # the official MAE / ViT value (HF's 1e-12 is not)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import LN_EPS
-from .vit import VisionTransformer
+from mae_vit.layers import LN_EPS
+from mae_vit.models.vit import VisionTransformer
 
 
 class ViTClassifier(VisionTransformer):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet
 
-from ..layers import to_2tuple
+from mae_vit.layers import to_2tuple
 
 RESNETS = {"r18": resnet.resnet18, "r34": resnet.resnet34, "r50": resnet.resnet50}
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import LN_EPS, Block, sincos_2d
-from .vit import VisionTransformer
+from mae_vit.layers import LN_EPS, Block, sincos_2d
+from mae_vit.models.vit import VisionTransformer
 
 
 class MaskedAutoencoderViT(VisionTransformer):

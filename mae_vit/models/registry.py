@@ -16,11 +16,11 @@ import re
 
 from torch import nn
 
-from ..errors import ConfigError
-from .classifier import ViTClassifier
-from .hybrid import RESNETS
-from .mae import MaskedAutoencoderViT
-from .vit import SIZES
+from mae_vit.errors import ConfigError
+from mae_vit.models.classifier import ViTClassifier
+from mae_vit.models.hybrid import RESNETS
+from mae_vit.models.mae import MaskedAutoencoderViT
+from mae_vit.models.vit import SIZES
 
 _NAME = re.compile(r"^(?P<mae>mae_)?vit_(?P<size>[a-z]+)_(?:patch(?P<patch>\d+)|hybrid_(?P<cnn>r\d+))$")
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import LN_EPS, Block, PatchEmbed, sincos_2d
-from .hybrid import HybridEmbed
+from mae_vit.layers import LN_EPS, Block, PatchEmbed, sincos_2d
+from mae_vit.models.hybrid import HybridEmbed
 
 SIZES = {  # name: (width D, depth, heads), ViT paper table 1 + DeiT's tiny/small
     "tiny": (192, 12, 3),

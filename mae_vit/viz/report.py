@@ -12,8 +12,8 @@ import os
 import platform
 from pathlib import Path
 
-from ..files import write_json
-from .io import save_figure
+from mae_vit.files import write_json
+from mae_vit.viz.io import save_figure
 
 CURVES = {"pretrain_loss.png": ("pretrain", "train/loss"), "finetune_top1.png": ("finetune_*", "val/top1")}
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..files import write_text
-from .io import save_figure
-from .report import read_json, read_scalars
+from mae_vit.files import write_text
+from mae_vit.viz.io import save_figure
+from mae_vit.viz.report import read_json, read_scalars
 
 CURVES = ("train/loss", "train/lr", "train/images_per_s", "val/top1", "val/knn_top1", "val/online_probe_top1")
 

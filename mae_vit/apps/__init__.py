@@ -1,0 +1,1 @@
+"""Applications over trained runs: evaluate, sweep, visualize, and the Fashion-MNIST chain."""

@@ -1,0 +1,1 @@
+"""Benchmarks: the train step (FLOPs, MFU, memory), the comparison with transformers, loader speed."""

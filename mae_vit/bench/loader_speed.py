@@ -1,0 +1,90 @@
+"""Does the loader keep the model fed? The shard loader alone (read, decode, augment, batch), in images/s.
+
+For each worker count the pretraining loader (`make_loader` with the pretraining transform at
+`img_size`, shuffled, as training builds it) runs for `seconds` after its first batch (which pays
+for starting the workers and filling the shuffle buffer) or until one epoch ends. Per worker: the
+rate divided by the number of workers (worker count 0 = the main process alone, counted as one).
+With `gpu_decode` (a device name) the loader is `data.gpu_decode`'s: the workers read and the main
+process decodes, crops and flips each batch on that device (timed to the end of the batch's work).
+The verdict compares the best rate, and the rate 16 workers would give at the measured per-worker
+rate, with the train step's images/s: below it, training waits for data.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Dict, Optional, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from mae_vit.data import expand_urls, make_loader, read_index
+from mae_vit.train.batches import GpuDecodeBatches, transform_for
+from mae_vit.errors import DataError
+from mae_vit.config.schema import TrainDataConfig
+
+PROJECTED_WORKERS = 16
+
+
+def loader_rate(urls: str, *, img_size: int, in_chans: int, batch_size: int, num_workers: int,
+                seconds: float, gpu_decode: Optional[str] = None) -> Dict:
+    """Images/s of the pretraining loader over `urls` with `num_workers` workers (see the module doc)."""
+    data = OmegaConf.structured(TrainDataConfig(batch_size=batch_size, num_workers=num_workers,
+                                                mean=[0.5] * in_chans, std=[0.5] * in_chans))  # the speed is the same
+    cfg = OmegaConf.create({"model": {"img_size": img_size, "in_chans": in_chans}, "data": data,
+                            "train": {"seed": 0}})
+    if gpu_decode:
+        device = torch.device(gpu_decode)
+        place = SimpleNamespace(device=device, process_index=0, num_processes=1)
+        loader = GpuDecodeBatches(urls, cfg, accelerator=place, img_size=img_size, labels=False).batches(0)
+    else:
+        device = None
+        loader = make_loader(urls, transform=transform_for(cfg, "pretrain"), batch_size=batch_size,
+                             num_workers=num_workers, in_chans=in_chans, shuffle=True,
+                             shuffle_buffer=data.shuffle_buffer, with_labels=False, drop_last=True)
+    images, start = 0, None
+    for batch in loader:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)  # the batch's decode and crops are done
+        if start is None:  # the first batch pays for worker start-up
+            start = time.perf_counter()
+            continue
+        images += batch["image"].shape[0]
+        if time.perf_counter() - start >= seconds:
+            break
+    if start is None or images == 0:
+        raise DataError(f"the loader over {urls} gave fewer than two batches of {batch_size}; give more data or a "
+                        "smaller --batch-size to measure it.")
+    rate = images / (time.perf_counter() - start)
+    return {"workers": num_workers, "images_per_s": rate, "images_per_s_per_worker": rate / max(num_workers, 1),
+            "images": images}
+
+
+def loader_speed(urls: str, *, img_size: int = 224, in_chans: int = 3, batch_size: int = 64,
+                 workers: Sequence[int] = (0, 1, 2), seconds: float = 10.0, step_images_per_s: Optional[float] = None,
+                 gpu_decode: Optional[str] = None, report=print) -> Dict:
+    """`loader_rate` for each worker count, and the verdict against `step_images_per_s` when given."""
+    expand_urls(urls)  # a missing path is a clear error before any worker starts
+    index = read_index(urls) or {}
+    rows = []
+    for n in workers:
+        row = loader_rate(urls, img_size=img_size, in_chans=in_chans, batch_size=batch_size, num_workers=n,
+                          seconds=seconds, gpu_decode=gpu_decode)
+        report(f"loader, {n} worker(s): {row['images_per_s']:.0f} img/s ({row['images_per_s_per_worker']:.0f} per worker)")
+        rows.append(row)
+    best = max(r["images_per_s"] for r in rows)
+    per_worker = max(r["images_per_s_per_worker"] for r in rows if r["workers"] > 0) if any(
+        r["workers"] for r in rows) else rows[0]["images_per_s"]
+    result = {"kind": "data", "urls": urls, "gpu_decode": gpu_decode, "img_size": img_size, "batch_size": batch_size, "rows": rows,
+              "samples": index.get("num_samples"), "best_images_per_s": best,
+              f"projected_images_per_s_{PROJECTED_WORKERS}_workers": per_worker * PROJECTED_WORKERS,
+              "step_images_per_s": step_images_per_s, "verdict": None}
+    if step_images_per_s:
+        projected = per_worker * PROJECTED_WORKERS
+        result["verdict"] = ("compute-bound" if best >= step_images_per_s else
+                             "data-bound here; compute-bound with 16 workers" if projected >= step_images_per_s else
+                             "data-bound")
+        report(f"verdict: {result['verdict']} (train step {step_images_per_s:.1f} img/s, loader {best:.0f} img/s here, "
+               f"~{projected:.0f} img/s with {PROJECTED_WORKERS} workers)")
+    return result

@@ -1,0 +1,1 @@
+"""Exports: Hugging Face transformers (`hf.py`) and ONNX (`onnx.py`)."""
