@@ -8,8 +8,8 @@ import pytest
 
 from mae_vit.data.synthetic import synthetic_samples
 from mae_vit.data.writer import shard_urls, write_shards
-from mae_vit.tasks.classify import resolve_num_classes
 from mae_vit.errors import DataError
+from mae_vit.tasks.classify import resolve_num_classes
 
 ROOT = Path(__file__).resolve().parent.parent
 

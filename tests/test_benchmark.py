@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter as torch_flop_counter
 
-from mae_vit.config.cli import run_tool
 from mae_vit.bench import benchmark as bench
 from mae_vit.bench import flops
+from mae_vit.config.cli import run_tool
 from mae_vit.errors import ConfigError
 
 # a small decoder keeps the tests fast; the encoder is the real tiny ViT (192 wide, 12 blocks, 3 heads)

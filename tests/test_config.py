@@ -5,7 +5,6 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from mae_vit.config.cli import run_tool
 from mae_vit.config import (
     EvaluateConfig,
     FinetuneConfig,
@@ -16,6 +15,7 @@ from mae_vit.config import (
     parse_config,
     save_config,
 )
+from mae_vit.config.cli import run_tool
 from mae_vit.errors import ConfigError, DataError
 
 

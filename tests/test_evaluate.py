@@ -9,17 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 import torch
+from conftest import free_port
 
-from mae_vit.checkpoint import export_safetensors, load_weights
-from mae_vit.config.cli import run_tool
-from mae_vit.config import EvaluateConfig, FinetuneConfig, LinprobeConfig, PretrainConfig, parse_config, save_config
-from mae_vit.data import ensure_demo_shards, eval_transform, make_loader
-from mae_vit.train.build import build_model, find_run_config, model_config_from_run, user_set_keys
 from mae_vit.apps.evaluate import features_in_key_order, key_id
+from mae_vit.checkpoint import export_safetensors, load_weights
+from mae_vit.config import EvaluateConfig, FinetuneConfig, LinprobeConfig, PretrainConfig, parse_config, save_config
+from mae_vit.config.cli import run_tool
+from mae_vit.data import ensure_demo_shards, eval_transform, make_loader
 from mae_vit.eval import knn_accuracy
 from mae_vit.models import create_model
+from mae_vit.train.build import build_model, find_run_config, model_config_from_run, user_set_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "evaluate.py"

@@ -10,24 +10,30 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from conftest import free_port
 from safetensors.torch import load_file
 
 from mae_vit.checkpoint import export_safetensors, load_weights
 from mae_vit.config import FinetuneConfig, parse_config
 from mae_vit.data import ensure_demo_shards
-from mae_vit.train.batches import ShardBatches, transform_for
-from mae_vit.tasks.classify import BEST_NAME, METRICS_NAME, read_pretrained, resolve_num_classes, soft_target_cross_entropy
-from mae_vit.eval import classifier_metrics
-from mae_vit.tasks.finetune import Finetune, build_finetune_model
-from mae_vit.train.optim import set_lr
-from mae_vit.train.rundir import RunDir, read_state
 from mae_vit.errors import CheckpointError, ConfigError, DataError
+from mae_vit.eval import classifier_metrics
 from mae_vit.layers import resize_pos_embed
 from mae_vit.models import ViTClassifier, create_model
+from mae_vit.tasks.classify import (
+    BEST_NAME,
+    METRICS_NAME,
+    read_pretrained,
+    resolve_num_classes,
+    soft_target_cross_entropy,
+)
+from mae_vit.tasks.finetune import Finetune, build_finetune_model
+from mae_vit.train.batches import ShardBatches, transform_for
+from mae_vit.train.optim import set_lr
+from mae_vit.train.rundir import RunDir, read_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = str(ROOT / "tools" / "finetune.py")
@@ -156,8 +162,9 @@ def test_num_classes_from_index_or_config(shards, tmp_path):
 
 
 def test_end_to_end_run_exports_best_and_last_and_resumes(shards, tmp_path, mae16, capsys):
-    from mae_vit.tasks.finetune import finetune
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mae_vit.tasks.finetune import finetune
 
     out = tmp_path / "run"
     # batches of 12: 64 // 12 = 5 steps per epoch; the 16 val images come as 12 + 4 (the last one must count)

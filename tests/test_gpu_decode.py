@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from mae_vit.bench.loader_speed import loader_speed
 from mae_vit.data import make_loader, write_shards
 from mae_vit.data.gpu_decode import JpegDecoder, crop_flip_each
 from mae_vit.train.batches import GpuDecodeBatches
-from mae_vit.bench.loader_speed import loader_speed
 
 CPU = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
 

@@ -13,12 +13,12 @@ from conftest import tool
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
+from mae_vit.config import PretrainConfig, parse_config
 from mae_vit.data import make_loader, synthetic_samples, write_shards
 from mae_vit.data.in_memory import crop_boxes, decode_all, random_resized_crop_flip
-from mae_vit.config import PretrainConfig, parse_config
-from mae_vit.train.batches import MemoryBatches
-from mae_vit.tasks.pretrain import Pretrain
 from mae_vit.errors import DataError
+from mae_vit.tasks.pretrain import Pretrain
+from mae_vit.train.batches import MemoryBatches
 
 TINY = ["model.img_size=16", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.decoder_embed_dim=32",
         "model.decoder_depth=1", "model.decoder_num_heads=2", "data.batch_size=16", "data.num_workers=0",

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from mae_vit.checkpoint import export_safetensors, load_weights
 from mae_vit.config import LinprobeConfig, parse_config
 from mae_vit.data import ensure_demo_shards, eval_transform, make_loader
+from mae_vit.models import create_model
 from mae_vit.tasks.classify import FEATURES_NAME, METRICS_NAME, read_pretrained
 from mae_vit.tasks.linprobe import build_lars, build_probe, linprobe
 from mae_vit.train.optim import LARS
 from mae_vit.train.rundir import RunDir, read_state
-from mae_vit.models import create_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = str(ROOT / "tools" / "linprobe.py")
@@ -154,8 +154,8 @@ def test_cli_bad_checkpoint_exits_2_and_writes_nothing(shards, tmp_path):
 
 
 def test_overwrite_deletes_the_probe_outputs_and_a_refusal_keeps_them(shards, tmp_path):
-    from mae_vit.tasks.classify import BEST_NAME
     from mae_vit.errors import ConfigError
+    from mae_vit.tasks.classify import BEST_NAME
 
     out = tmp_path / "run"
     names = ("model.safetensors", BEST_NAME, METRICS_NAME, FEATURES_NAME)

@@ -13,12 +13,12 @@ from mae_vit.config import FinetuneConfig, PretrainConfig, parse_config
 from mae_vit.data import ensure_demo_shards, rank_batch_counts
 from mae_vit.data.synthetic import synthetic_samples
 from mae_vit.data.writer import shard_urls, write_shards
+from mae_vit.errors import ConfigError, StoppedBySignal
 from mae_vit.tasks.finetune import finetune
-from mae_vit.train.monitor import StopSignal
 from mae_vit.tasks.pretrain import pretrain
+from mae_vit.train.monitor import StopSignal
 from mae_vit.train.rundir import RunDir, read_state
 from mae_vit.train.schedule import lr_at
-from mae_vit.errors import ConfigError, StoppedBySignal
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.num_workers=0",

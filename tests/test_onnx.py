@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mae_vit.models import create_model
 from mae_vit.export.onnx import export_onnx
+from mae_vit.models import create_model
 
 onnx = pytest.importorskip("onnx", reason="onnx is an optional test dependency (pip install onnx)")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional test dependency")

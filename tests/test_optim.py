@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from mae_vit.train.optim import LARS, build_optimizer, param_groups, set_lr
 from mae_vit.models import MaskedAutoencoderViT, VisionTransformer, create_model
+from mae_vit.train.optim import LARS, build_optimizer, param_groups, set_lr
 
 
 class TinyBlock(nn.Module):

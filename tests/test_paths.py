@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from mae_vit.config import (BenchmarkConfig, EvaluateConfig, FinetuneConfig, MakeShardsConfig, PretrainConfig,
-                            parse_config)
-from mae_vit.data import ensure_demo_shards
+from mae_vit.config import (
+    BenchmarkConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    MakeShardsConfig,
+    PretrainConfig,
+    parse_config,
+)
 from mae_vit.config.paths import expand_path, expand_source, expand_spec
+from mae_vit.data import ensure_demo_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 import torch
+from conftest import free_port
 
 from mae_vit.config import PretrainConfig, parse_config
 from mae_vit.data import ensure_demo_shards
-from mae_vit.train.rundir import RunDir, read_state
 from mae_vit.errors import ConfigError, NonFiniteLossError
+from mae_vit.train.rundir import RunDir, read_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = str(ROOT / "tools" / "pretrain.py")
@@ -102,8 +102,8 @@ def test_half_written_checkpoint_is_never_resumed(tmp_path, shards):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shards, monkeypatch):
-    from mae_vit.tasks.pretrain import pretrain
     from mae_vit.models import MaskedAutoencoderViT
+    from mae_vit.tasks.pretrain import pretrain
 
     calls = {"n": 0}
     original = MaskedAutoencoderViT.forward_loss
@@ -130,8 +130,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, shards, 
 
 def test_a_non_finite_loss_is_recovered_from_the_last_checkpoint_skipping_the_data_that_diverged(
         tmp_path, shards, monkeypatch, capsys):
-    from mae_vit.tasks.pretrain import pretrain
     from mae_vit.models import MaskedAutoencoderViT
+    from mae_vit.tasks.pretrain import pretrain
 
     calls = {"n": 0}
     original = MaskedAutoencoderViT.forward_loss
@@ -279,10 +279,10 @@ def test_the_online_probe_learns_on_labelled_shards_without_changing_the_mae(tmp
 def test_an_untrained_online_probe_is_at_chance(shards):
     from accelerate import Accelerator
 
+    from mae_vit.eval import classifier_metrics
+    from mae_vit.tasks.online_probe import OnlineProbe, ProbeClassifier
     from mae_vit.train.batches import ShardBatches, transform_for
     from mae_vit.train.build import build_model
-    from mae_vit.tasks.online_probe import OnlineProbe, ProbeClassifier
-    from mae_vit.eval import classifier_metrics
 
     cfg = parse_config(PretrainConfig, [*args("unused", shards[0]), "data.mean=[0.5,0.5,0.5]",
                                         "data.std=[0.25,0.25,0.25]"])

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from mae_vit.config import PretrainConfig, parse_config
+from mae_vit.errors import ConfigError
 from mae_vit.train import rundir
 from mae_vit.train.rundir import COMPLETE, RunDir, TrainState, read_state, save_checkpoint
-from mae_vit.errors import ConfigError
 
 
 class FakeAccelerator:

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from mae_vit.train.schedule import accumulation_steps, lr_at, schedule_steps, scaled_lr
 from mae_vit.errors import ConfigError
+from mae_vit.train.schedule import accumulation_steps, lr_at, scaled_lr, schedule_steps
 
 # peak 1.0, floor 0.1, 10 warmup steps, 110 steps in all: the cosine phase is 100 steps long.
 SCHEDULE = dict(peak_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)

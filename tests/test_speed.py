@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mae_vit.data.demo import ensure_demo_shards
-from mae_vit.train.device import compiled, fast_bf16, make_accelerator
 from mae_vit.bench.costs import activation_bytes, sweep
 from mae_vit.bench.loader_speed import loader_speed
-from mae_vit.train.optim import build_optimizer, param_groups
+from mae_vit.data.demo import ensure_demo_shards
 from mae_vit.layers import attention
 from mae_vit.models import create_model
+from mae_vit.train.device import compiled, fast_bf16, make_accelerator
+from mae_vit.train.optim import build_optimizer, param_groups
 
 TINY = dict(img_size=16, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=4, norm_pix_loss=True)

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from conftest import tool
 import torch
+from conftest import tool
 from safetensors.torch import load_file
 
 from mae_vit.checkpoint import read_file, to_state_dict

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mae_vit.checkpoint import export_safetensors
-from mae_vit.config.cli import run_tool
-from mae_vit.config import LinprobeConfig, PretrainConfig, parse_config, save_config
-from mae_vit.data import ensure_demo_shards
-from mae_vit.train.build import build_model
 from mae_vit.apps.visualize import sample_images
+from mae_vit.checkpoint import export_safetensors
+from mae_vit.config import LinprobeConfig, PretrainConfig, parse_config, save_config
+from mae_vit.config.cli import run_tool
+from mae_vit.data import ensure_demo_shards
 from mae_vit.models import create_model
+from mae_vit.train.build import build_model
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "visualize.py"
 SMALL = ["model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]  # a 2-block, 32-wide ViT

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from mae_vit.errors import ConfigError
+from mae_vit.files import write_json
 from mae_vit.models import MaskedAutoencoderViT, ViTClassifier
 from mae_vit.viz import (
     attention_distance,
@@ -25,7 +26,6 @@ from mae_vit.viz import (
     write_all_figures,
 )
 from mae_vit.viz.embeddings import grid_distances
-from mae_vit.files import write_json
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 MAE_DECODER = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)

@@ -18,13 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mae_vit.config.cli import run_tool
-from mae_vit.config import BenchmarkConfig, parse_config
-from mae_vit.bench.benchmark import (benchmark_train_step, format_table, read_result, resolve_device,
-                                     write_result)
+from mae_vit.bench.benchmark import benchmark_train_step, format_table, read_result, resolve_device, write_result
 from mae_vit.bench.compare import compare, markdown
 from mae_vit.bench.costs import profile_step, sweep, sweep_markdown
 from mae_vit.bench.loader_speed import loader_speed
+from mae_vit.config import BenchmarkConfig, parse_config
+from mae_vit.config.cli import run_tool
 
 
 def main(argv):

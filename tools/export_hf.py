@@ -12,14 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mae_vit.config.cli import run_tool
 from mae_vit.config import ExportHfConfig, parse_config
+from mae_vit.config.cli import run_tool
 
 
 def main(argv):
     cfg = parse_config(ExportHfConfig, argv, prog="export_hf.py")
-    from mae_vit.train.build import checkpoint_model
     from mae_vit.export.hf import export_hf
+    from mae_vit.train.build import checkpoint_model
 
     cfg, model = checkpoint_model(cfg, argv)
     folder = export_hf(model, cfg.output_dir)

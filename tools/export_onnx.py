@@ -14,14 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import yaml
 
-from mae_vit.config.cli import run_tool
 from mae_vit.config import ExportOnnxConfig, parse_config
+from mae_vit.config.cli import run_tool
 
 
 def main(argv):
     cfg = parse_config(ExportOnnxConfig, argv, prog="export_onnx.py")
-    from mae_vit.train.build import checkpoint_model, find_run_config
     from mae_vit.export.onnx import export_onnx
+    from mae_vit.train.build import checkpoint_model, find_run_config
 
     cfg, model = checkpoint_model(cfg, argv)
     run_config = find_run_config(cfg.checkpoint)  # its data.mean / data.std go into the file's metadata

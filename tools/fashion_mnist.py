@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mae_vit.config.cli import run_tool
 from mae_vit.config import ChainConfig, parse_config
+from mae_vit.config.cli import run_tool
 from mae_vit.config.paths import expand_path
 
 

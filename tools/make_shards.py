@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mae_vit.config.cli import run_tool
 from mae_vit.config import MakeShardsConfig, parse_config
+from mae_vit.config.cli import run_tool
 from mae_vit.data.writer import make_shards
 
 

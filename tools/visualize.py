@@ -13,14 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mae_vit.config.cli import run_tool
 from mae_vit.config import VisualizeConfig, parse_config
+from mae_vit.config.cli import run_tool
 
 
 def main(argv):
     cfg = parse_config(VisualizeConfig, argv, prog="visualize.py")
-    from mae_vit.train.build import user_set_keys  # after parsing: --help and config errors stay fast
     from mae_vit.apps.visualize import visualize
+    from mae_vit.train.build import user_set_keys  # after parsing: --help and config errors stay fast
 
     return visualize(cfg, user_keys=user_set_keys(cfg, argv))
 

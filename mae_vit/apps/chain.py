@@ -26,9 +26,9 @@ from mae_vit.errors import DataError
 from mae_vit.eval.features import extract_features
 from mae_vit.eval.pixels import pixel_baseline
 from mae_vit.files import write_json
+from mae_vit.train.monitor import setup_logging
 from mae_vit.viz.report import read_json, write_report
 from mae_vit.viz.run_report import write_run_report
-from mae_vit.train.monitor import setup_logging
 
 log = logging.getLogger("mae_vit")
 ROOT = Path(__file__).resolve().parents[2]

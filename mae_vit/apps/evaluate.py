@@ -26,8 +26,8 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from mae_vit.checkpoint import read_file, to_state_dict
 from mae_vit.data import make_loader, rank_batch_counts, read_index

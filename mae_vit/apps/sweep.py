@@ -18,18 +18,18 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
+from mae_vit.apps.evaluate import FEWSHOT_SEED, feature_fn, features_in_key_order
 from mae_vit.checkpoint import EXPORT_NAME, export_safetensors, read_file, to_state_dict
 from mae_vit.data import make_loader, read_index
 from mae_vit.errors import ConfigError, DataError
 from mae_vit.eval import fewshot_linear, knn_accuracy
 from mae_vit.files import write_json
-from mae_vit.viz.io import save_figure
 from mae_vit.train.batches import transform_for
 from mae_vit.train.build import model_config_from_run, model_from_weights, resolve_data
 from mae_vit.train.device import make_accelerator
-from mae_vit.apps.evaluate import FEWSHOT_SEED, feature_fn, features_in_key_order
 from mae_vit.train.monitor import on_main_process, setup_logging
-from mae_vit.train.rundir import SWEEP_FILES, RunDir, read_state
+from mae_vit.train.rundir import RunDir, read_state
+from mae_vit.viz.io import save_figure
 
 log = logging.getLogger("mae_vit")
 

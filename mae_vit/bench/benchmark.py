@@ -26,9 +26,9 @@ import torch
 
 from mae_vit import files
 from mae_vit.bench.flops import FLOP_NOTE, count_flops
-from mae_vit.train.optim import build_optimizer, param_groups
 from mae_vit.errors import ConfigError
 from mae_vit.models import MaskedAutoencoderViT, create_model
+from mae_vit.train.optim import build_optimizer, param_groups
 
 WEIGHT_DECAY = 0.05  # the MAE pretraining recipe; decides the parameter groups
 LR, BETAS = 1.5e-4, (0.9, 0.95)  # the value of lr does not change the speed of a step

@@ -26,12 +26,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from mae_vit.bench.benchmark import (BETAS, LR, WEIGHT_DECAY, device_name, synchronize, build_mae,
-                                      resolve_device)
+from mae_vit.bench.benchmark import BETAS, LR, WEIGHT_DECAY, build_mae, device_name, resolve_device, synchronize
 from mae_vit.bench.flops import count_flops
-from mae_vit.train.optim import param_groups
 from mae_vit.errors import ConfigError
 from mae_vit.layers import attention
+from mae_vit.train.optim import param_groups
 
 # Dense (no sparsity) bf16 peak FLOP/s of data-centre GPUs, from their vendors' data sheets: for MFU.
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

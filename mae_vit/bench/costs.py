@@ -17,8 +17,18 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mae_vit.bench.benchmark import (BETAS, LR, WEIGHT_DECAY, device_name, synchronize, autocast_factory,
-                                      build_mae, resolve_device, resolve_precision, train_step)
+from mae_vit.bench.benchmark import (
+    BETAS,
+    LR,
+    WEIGHT_DECAY,
+    autocast_factory,
+    build_mae,
+    device_name,
+    resolve_device,
+    resolve_precision,
+    synchronize,
+    train_step,
+)
 from mae_vit.bench.flops import count_flops
 from mae_vit.train.optim import build_optimizer, param_groups
 

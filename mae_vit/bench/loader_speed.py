@@ -19,10 +19,10 @@ from typing import Dict, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from mae_vit.data import expand_urls, make_loader, read_index
-from mae_vit.train.batches import GpuDecodeBatches, transform_for
-from mae_vit.errors import DataError
 from mae_vit.config.schema import TrainDataConfig
+from mae_vit.data import expand_urls, make_loader, read_index
+from mae_vit.errors import DataError
+from mae_vit.train.batches import GpuDecodeBatches, transform_for
 
 PROJECTED_WORKERS = 16
 

@@ -5,9 +5,20 @@
 
 from mae_vit.config.cli import format_help, parse_config, run_tool, save_config
 from mae_vit.config.schema import validate_config
-from mae_vit.config.tools import (BenchmarkConfig, ChainConfig, EvaluateConfig, ExportHfConfig, ExportOnnxConfig,
-                                  FinetuneConfig, LinprobeConfig, MakeShardsConfig, PretrainConfig, ReportConfig,
-                                  SweepConfig, VisualizeConfig)
+from mae_vit.config.tools import (
+                                  BenchmarkConfig,
+                                  ChainConfig,
+                                  EvaluateConfig,
+                                  ExportHfConfig,
+                                  ExportOnnxConfig,
+                                  FinetuneConfig,
+                                  LinprobeConfig,
+                                  MakeShardsConfig,
+                                  PretrainConfig,
+                                  ReportConfig,
+                                  SweepConfig,
+                                  VisualizeConfig,
+)
 
 __all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "ExportHfConfig", "ExportOnnxConfig", "FinetuneConfig",
            "LinprobeConfig", "MakeShardsConfig", "PretrainConfig", "ReportConfig", "SweepConfig", "VisualizeConfig",

@@ -22,12 +22,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mae_vit.errors import EXIT_STOPPED, ConfigError, NonFiniteLossError, StoppedBySignal, UserError
-from mae_vit.files import write_text
 from mae_vit.config.paths import resolve_paths
-from mae_vit.files import expand_path
 from mae_vit.config.schema import format_value, leaf_fields, quote, validate_config
 from mae_vit.config.trust import TRUST_FLAGS, check_trust
+from mae_vit.errors import EXIT_STOPPED, ConfigError, NonFiniteLossError, StoppedBySignal, UserError
+from mae_vit.files import expand_path, write_text
 
 
 @dataclasses.dataclass(frozen=True)

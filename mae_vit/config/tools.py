@@ -12,11 +12,33 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from mae_vit.config.cli import format_help, parse_config, save_config
-from mae_vit.config.schema import (AT_LEAST_0, NAME, POSITIVE, POSITIVE_OR_NULL, UNIT, AdamWConfig, AugmentConfig,
-                            ClassifyRunConfig, DataConfig, FewShotConfig, FinetuneModelConfig, FinetuneOptimConfig,
-                            Flags, KnnConfig, LarsConfig, MaeModelConfig, ModelConfig, PretrainKnnConfig,
-                            PretrainRunConfig, ProbeModelConfig, TrainDataConfig, _range, key, one_of,
-                            validate_config)
+from mae_vit.config.schema import (
+    AT_LEAST_0,
+    NAME,
+    POSITIVE,
+    POSITIVE_OR_NULL,
+    UNIT,
+    AdamWConfig,
+    AugmentConfig,
+    ClassifyRunConfig,
+    DataConfig,
+    FewShotConfig,
+    FinetuneModelConfig,
+    FinetuneOptimConfig,
+    Flags,
+    KnnConfig,
+    LarsConfig,
+    MaeModelConfig,
+    ModelConfig,
+    PretrainKnnConfig,
+    PretrainRunConfig,
+    ProbeModelConfig,
+    TrainDataConfig,
+    _range,
+    key,
+    one_of,
+    validate_config,
+)
 
 __all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "ExportHfConfig", "ExportOnnxConfig", "FinetuneConfig", "LinprobeConfig", "MakeShardsConfig",
            "PretrainConfig", "ReportConfig", "SweepConfig", "VisualizeConfig", "format_help", "parse_config", "save_config", "validate_config"]

@@ -5,13 +5,11 @@ run's config.yaml. A recipe someone shared could do either; so neither is accept
 line itself carries the opt-in flag (`--allow-shell`, `--allow-env`), which no config file can set.
 """
 
-from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
 from mae_vit.config.schema import flat_dict
 from mae_vit.errors import ConfigError
-
 
 TRUST_FLAGS = {
     "--allow-shell": "a `pipe:` data URL runs a shell command",

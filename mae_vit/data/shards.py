@@ -44,8 +44,8 @@ from webdataset.gopen import gopen
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from mae_vit.data.transforms import to_8bit
 from mae_vit.data.split import assign, kept_in_range, resume_plan, worker_batch_counts, worker_sample_counts
+from mae_vit.data.transforms import to_8bit
 from mae_vit.data.urls import expand_urls, read_index, shard_sample_counts
 from mae_vit.errors import ConfigError, DataError
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
 
 from mae_vit.errors import ConfigError
 

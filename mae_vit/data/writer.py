@@ -34,13 +34,13 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
+from mae_vit.data.sources import open_source
 from mae_vit.data.stats import ImageStats
 from mae_vit.data.transforms import to_8bit
-from mae_vit.files import write_json, write_text
-from mae_vit.data.sources import open_source
 from mae_vit.errors import ConfigError, DataError
-from tqdm.auto import tqdm
+from mae_vit.files import write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from torch import nn
 from mae_vit.checkpoint import LoadReport, load_weights
 from mae_vit.data import mixup_cutmix
 from mae_vit.errors import ConfigError
+from mae_vit.tasks.classify import ClassifierTask, soft_target_cross_entropy
 from mae_vit.train.batches import ShardBatches, train_batches
 from mae_vit.train.build import build_adamw, build_model, check_encoder_loaded
-from mae_vit.tasks.classify import ClassifierTask, soft_target_cross_entropy
 from mae_vit.train.loop import train
 
 log = logging.getLogger("mae_vit")

@@ -27,9 +27,9 @@ from mae_vit.errors import ConfigError
 from mae_vit.eval.features import extract_features
 from mae_vit.eval.probe_sweep import probe_sweep
 from mae_vit.files import write_atomic
+from mae_vit.tasks.classify import FEATURES_NAME, ClassifierTask
 from mae_vit.train.batches import ShardBatches, TensorBatches, train_batches, transform_for
 from mae_vit.train.build import build_model, check_encoder_loaded
-from mae_vit.tasks.classify import FEATURES_NAME, ClassifierTask
 from mae_vit.train.loop import train
 from mae_vit.train.monitor import on_main_process
 from mae_vit.train.optim import build_optimizer, param_groups

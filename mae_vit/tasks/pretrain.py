@@ -19,14 +19,14 @@ from mae_vit.checkpoint import EXPORT_NAME, export_safetensors
 from mae_vit.data import make_loader, read_index
 from mae_vit.eval import classifier_metrics, extract_features, knn_accuracy
 from mae_vit.files import write_json
-from mae_vit.viz.io import save_png
-from mae_vit.viz.reconstruction import reconstruction_grid
+from mae_vit.tasks.online_probe import OnlineProbe, ProbeClassifier, probe_param_groups
 from mae_vit.train.batches import ShardBatches, train_batches, transform_for
 from mae_vit.train.build import build_adamw, build_model, resolve_data
 from mae_vit.train.loop import Task, train
 from mae_vit.train.monitor import on_main_process
-from mae_vit.tasks.online_probe import OnlineProbe, ProbeClassifier, probe_param_groups
 from mae_vit.train.rundir import SWEEP_FILES, RunDir, TrainState
+from mae_vit.viz.io import save_png
+from mae_vit.viz.reconstruction import reconstruction_grid
 
 log = logging.getLogger("mae_vit")
 METRICS_NAME = "metrics.json"  # the loss at the start and the end, and the pretrained-vs-random kNN check

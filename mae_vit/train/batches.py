@@ -23,8 +23,14 @@ import torch
 from omegaconf import DictConfig
 from torchvision.transforms.v2 import functional as TF
 
-from mae_vit.data import (eval_transform, finetune_transform, linprobe_transform, make_loader, pretrain_transform,
-                    rank_batch_counts)
+from mae_vit.data import (
+    eval_transform,
+    finetune_transform,
+    linprobe_transform,
+    make_loader,
+    pretrain_transform,
+    rank_batch_counts,
+)
 from mae_vit.data.gpu_decode import JpegDecoder, crop_flip_each
 from mae_vit.data.in_memory import decode_all, random_resized_crop_flip
 from mae_vit.errors import DataError

@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 
-from mae_vit.errors import ConfigError
 from mae_vit.config.schema import TRACKERS
+from mae_vit.errors import ConfigError
 
 log = logging.getLogger("mae_vit")
 

@@ -13,6 +13,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import torch
 from torch import nn
 
+
 def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float = 1.0) -> List[Dict]:
     """Trainable parameters of `model` split into optimizer groups, from what the model declares.
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from mae_vit.errors import ConfigError
+from mae_vit.files import write_json
 from mae_vit.viz.attention import cls_attention_maps, mean_attention_distance
 from mae_vit.viz.embeddings import (
     has_pixel_patch_embedding,
@@ -29,7 +30,6 @@ from mae_vit.viz.embeddings import (
     position_embedding_similarity,
     position_similarity_stats,
 )
-from mae_vit.files import write_json
 from mae_vit.viz.io import save_figure
 from mae_vit.viz.reconstruction import reconstruction_caption, reconstruction_grid, to_display
 
