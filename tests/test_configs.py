@@ -138,7 +138,8 @@ def test_fashion_mnist_recipes_fit_the_data_and_the_shards_make_shards_writes(to
     per_shard = MakeShardsConfig().samples_per_shard
     for split, key in (("train", "train"), ("test", "val")):
         shards = math.ceil(FASHION_MNIST[split] / per_shard)
-        assert cfg.data[key] == shard_urls(Path.cwd() / f"data/fashion-mnist/{split}", MakeShardsConfig().prefix, shards)
+        folder = Path.cwd() / f"data/fashion-mnist/{split}"
+        assert cfg.data[key] == shard_urls(folder, MakeShardsConfig().prefix, shards)
     assert cfg.data.train == str(Path.cwd() / "data/fashion-mnist/train/shard-{000000..000059}.tar")
 
 

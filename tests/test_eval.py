@@ -1,4 +1,4 @@
-"""Tests for mae_vit.eval: top-k counts, the distributed-safe meter, weighted kNN, few-shot ridge, feature extraction."""
+"""mae_vit.eval: top-k counts, the distributed-safe meter, weighted kNN, few-shot ridge, feature extraction."""
 
 import math
 import os

@@ -110,7 +110,8 @@ def test_norm_pix_loss_hand_computed():
     imgs[0, 0, :2, :2] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # patch 0: mean 2.5, unbiased var 5/3
     pred = torch.zeros(1, 4, 4)
     mask = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    # target = (t - 2.5) / sqrt(5/3 + 1e-6); loss = mean(target^2) = (sum (t-2.5)^2 / 4) / (5/3 + 1e-6) = 1.25 / (5/3+1e-6)
+    # target = (t - 2.5) / sqrt(5/3 + 1e-6); loss = mean(target^2) = (sum (t-2.5)^2 / 4) / (5/3 + 1e-6)
+    #      = 1.25 / (5/3 + 1e-6)
     expect = 1.25 / (5.0 / 3.0 + 1e-6)
     assert abs(mae.forward_loss(imgs, pred, mask).item() - expect) < 1e-6
     mae.norm_pix_loss = False

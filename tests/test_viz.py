@@ -271,7 +271,8 @@ def test_write_all_figures_mae_writes_every_file_and_valid_json(tmp_path):
 
 
 def test_write_all_figures_classifier_grey_skips_reconstructions(tmp_path):
-    summary = write_all_figures(tiny_classifier(img_size=16, in_chans=1), images(c=1), tmp_path, mean=(0.5,), std=(0.5,))
+    model = tiny_classifier(img_size=16, in_chans=1)
+    summary = write_all_figures(model, images(c=1), tmp_path, mean=(0.5,), std=(0.5,))
     assert "reconstructions.png" not in summary["files"] and not (tmp_path / "reconstructions.png").exists()
     assert summary["skipped"] == {"reconstructions": "not a masked autoencoder"}
     assert {p.name for p in tmp_path.iterdir()} == set(summary["files"])

@@ -24,8 +24,9 @@ def main(argv):
     cfg = parse_config(ReportConfig, rest, prog="report.py")
     missing = [str(r) for r in runs if not (r / "metrics.json").is_file() and not (r / "lineage.json").is_file()]
     if not runs or missing:
+        not_runs = f"; not runs: {', '.join(missing)}" if missing else ""
         raise ConfigError(f"give run directories first, each holding metrics.json or lineage.json "
-                          f"(e.g. report.py runs/pretrain runs/finetune){'; not runs: ' + ', '.join(missing) if missing else ''}.")
+                          f"(e.g. report.py runs/pretrain runs/finetune){not_runs}.")
     from mae_vit.viz.run_report import write_run_report
 
     path = write_run_report(runs, Path(cfg.output_dir))

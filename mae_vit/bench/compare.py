@@ -120,8 +120,8 @@ def run_rounds(entries: List[Contender], device: torch.device, rounds: int, step
                 c.step()
                 synchronize(device)
                 c.seconds.append(time.perf_counter() - start)
-        report(f"round {r + 1}/{rounds}: " + ", ".join(f"{c.name} {len(c.seconds) and statistics.median(c.seconds):.3f} s"
-                                                       for c in entries))
+        medians = (f"{c.name} {len(c.seconds) and statistics.median(c.seconds):.3f} s" for c in entries)
+        report(f"round {r + 1}/{rounds}: " + ", ".join(medians))
 
 
 def compare(model_name: str = "mae_vit_base_patch16", *, batch_size: int = 8, img_size: int = 224,
@@ -157,10 +157,12 @@ def compare(model_name: str = "mae_vit_base_patch16", *, batch_size: int = 8, im
 
 def markdown(result: Dict) -> str:
     """The README table of a compare result (`tools/benchmark.py --table FILE`)."""
-    lines = [f"{result['model']}, batch {result['batch_size']}, {result['img_size']} px, mask {result['mask_ratio']:g}, "
-             f"{result['device']}, torch {result['torch']}; median of {result['rounds']} interleaved rounds x "
+    lines = [f"{result['model']}, batch {result['batch_size']}, {result['img_size']} px, "
+             f"mask {result['mask_ratio']:g}, {result['device']}, torch {result['torch']}; "
+             f"median of {result['rounds']} interleaved rounds x "
              f"{result['steps_per_round']} steps", "",
-             "| train step | precision | img/s | vs HF (same precision) | achieved FLOP/s | MFU |", "|---|---|---|---|---|---|"]
+             "| train step | precision | img/s | vs HF (same precision) | achieved FLOP/s | MFU |",
+             "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         vs = f"{r['vs_hf']:.2f}x" if r["vs_hf"] else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"

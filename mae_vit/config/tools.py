@@ -40,8 +40,9 @@ from mae_vit.config.schema import (
     validate_config,
 )
 
-__all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "ExportHfConfig", "ExportOnnxConfig", "FinetuneConfig", "LinprobeConfig", "MakeShardsConfig",
-           "PretrainConfig", "ReportConfig", "SweepConfig", "VisualizeConfig", "format_help", "parse_config", "save_config", "validate_config"]
+__all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "ExportHfConfig", "ExportOnnxConfig", "FinetuneConfig",
+           "LinprobeConfig", "MakeShardsConfig", "PretrainConfig", "ReportConfig", "SweepConfig", "VisualizeConfig",
+           "format_help", "parse_config", "save_config", "validate_config"]
 
 _TRAIN_FLAGS = {"--output-dir": ("train.output_dir", "DIR"), "--data": ("data.train", "URLS")}
 _TOOL_FLAGS = {"--output-dir": ("output_dir", "DIR"), "--data": ("data.train", "URLS"),
@@ -63,7 +64,8 @@ class PretrainConfig:
     """
 
     FLAGS: Flags = dict(_TRAIN_FLAGS)
-    model: MaeModelConfig = section(MaeModelConfig, depth=6, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+    model: MaeModelConfig = section(MaeModelConfig, depth=6, decoder_embed_dim=128, decoder_depth=2,
+                                    decoder_num_heads=4)
     data: TrainDataConfig = section(TrainDataConfig, in_memory=None)  # null: in memory for the demo only
     optim: AdamWConfig = section(AdamWConfig, base_lr=4e-3, epochs=60, warmup_epochs=1)
     train: PretrainRunConfig = section(PretrainRunConfig, output_dir="runs/pretrain", save_every=100, vis_every=100)
@@ -207,7 +209,8 @@ class ChainConfig:
 
     FLAGS: Flags = {"--preset": ("preset", "NAME"), "--output-dir": ("output_dir", "DIR"),
                     "--data-dir": ("data_dir", "DIR")}
-    preset: str = key("cpu", "cpu (about 50 min on 2 cores with AMX) | gpu (about 10 min on one H100)", one_of("cpu", "gpu"))
+    preset: str = key("cpu", "cpu (about 50 min on 2 cores with AMX) | gpu (about 10 min on one H100)",
+                      one_of("cpu", "gpu"))
     output_dir: Optional[str] = key(None, "runs and report; None = runs/fashion_mnist_<preset>")
     data_dir: str = key("data/fashion-mnist", "the train/ and test/ shards are written here once")
     source: str = key("fashion-mnist", "where the idx files are: fashion-mnist (Debian package, ./data) | "
@@ -220,8 +223,8 @@ class BenchmarkConfig:
 
     FLAGS: Flags = {f"--{name.replace('_', '-')}": (name, metavar) for name, metavar in (
         ("model", "NAME"), ("batch_size", "N"), ("img_size", "PX"), ("mask_ratio", "R"), ("device", "DEV"),
-        ("precision", "P"), ("steps", "N"), ("warmup", "N"), ("json", "FILE"), ("compare", "PEER"), ("table", "FILE"))} | {
-        "--data": ("loader", "URLS")}
+        ("precision", "P"), ("steps", "N"), ("warmup", "N"), ("json", "FILE"), ("compare", "PEER"),
+        ("table", "FILE"))} | {"--data": ("loader", "URLS")}
     model: str = key("mae_vit_base_patch16", "an MAE model name (create_model)")
     batch_size: int = key(8, "images per step", POSITIVE)
     img_size: int = key(224, "image size in pixels (square)", POSITIVE)
@@ -233,13 +236,14 @@ class BenchmarkConfig:
     compile: bool = key(False, "time torch.compile(model)")
     json: Optional[str] = key(None, "also write the numbers to this file as JSON")
     compare: Optional[str] = key(None, "hf: time ours against transformers' ViTMAEForPreTraining in the same run, "
-                                 "switch by switch (interleaved rounds)", _range(lambda v: v in (None, "hf"), "hf or null"))
+                                 "switch by switch (interleaved rounds)",
+                                 _range(lambda v: v in (None, "hf"), "hf or null"))
     rounds: int = key(3, "--compare: interleaved rounds (each contender's figure is the median of all its steps)",
                       POSITIVE)
     sweep: bool = key(False, "time the step over image sizes (img_size / 2, img_size) x mask ratios 0.5, 0.75, 0.9")
     profile: bool = key(False, "print the top operators of two train steps (torch.profiler)")
-    loader: Optional[str] = key(None, "(--data) shard URLs: time the loader alone with 0, 1, 2, ... workers, and say whether "
-                              "training would wait for data")
+    loader: Optional[str] = key(None, "(--data) shard URLs: time the loader alone with 0, 1, 2, ... workers, and say "
+                              "whether training would wait for data")
     loader_seconds: float = key(10.0, "--data: seconds per worker count", _range(lambda v: v > 0, "positive"))
     gpu_decode: bool = key(False, "--data: time the data.gpu_decode path (JPEGs decoded on --device in the main "
                            "process) instead of decoding in the workers")

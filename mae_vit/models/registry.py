@@ -63,7 +63,8 @@ def create_model(name: str, **overrides) -> nn.Module:
     bad = sorted(set(overrides) - allowed)
     if bad:
         kind = "an MAE model" if is_mae else "a classifier"
-        raise ConfigError(f"option(s) {', '.join(bad)} do not apply to {kind} ({name}); valid: {', '.join(sorted(allowed))}")
+        raise ConfigError(f"option(s) {', '.join(bad)} do not apply to {kind} ({name}); "
+                          f"valid: {', '.join(sorted(allowed))}")
     width, depth, heads = SIZES[m["size"]]
     kwargs = dict(embed_dim=width, depth=depth, num_heads=heads, img_size=224)
     stages = overrides.pop("hybrid_stages", 3)

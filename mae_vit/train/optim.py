@@ -3,8 +3,8 @@
 Groups follow the official MAE recipes: biases, norm weights and the token / position-embedding
 parameters get no weight decay; with layer decay (fine-tuning) each transformer block gets its own
 lr scale, shrinking geometrically from the head down to the patch embedding. Which parameters are
-tokens and which block a parameter belongs to, the model says (`no_weight_decay()`, `layer_of(name)`). Every group carries an
-`lr_scale` that the training loop applies each step: `group["lr"] = lr * group["lr_scale"]`
+tokens and which block a parameter belongs to, the model says (`no_weight_decay()`, `layer_of(name)`).
+Every group carries an `lr_scale` that the training loop applies each step: `group["lr"] = lr * group["lr_scale"]`
 (`set_lr` does exactly that).
 """
 

@@ -67,7 +67,8 @@ def collect(out: Path, preset: str, commands: dict[str, str] | None = None) -> d
             "ridge regression, mean of %s draws" % enc.get("fewshot", {}).get("draws")),
         row("linear probe, MAE encoder (frozen)", final("linprobe"), "linprobe"),
         row("fine-tuned from scratch", final("finetune_scratch"), "finetune_scratch"),
-        row("fine-tuned from the MAE weights", final("finetune_mae"), "finetune_mae", "same recipe and budget as scratch"),
+        row("fine-tuned from the MAE weights", final("finetune_mae"), "finetune_mae",
+            "same recipe and budget as scratch"),
     ]
     return {"preset": preset, "machine": machine(), "rows": rows, "pretrain_loss": [pre.get("first_loss"),
             pre.get("last_loss")], "seconds": seconds, "commands": commands or {}, "runs": runs, "pixels": pixels}
@@ -85,7 +86,8 @@ def machine() -> str:
                      if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores, no GPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} cores, no GPU"
 
 
 def _fmt(value, digits=1) -> str:
