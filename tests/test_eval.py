@@ -150,6 +150,16 @@ def _distributed_worker():
         _assert_same_stats(meter.reduced(accelerator).compute(), want)
         assert meter.n == len(share)  # the local totals are left unchanged by reduced()
         _assert_same_rows(*extract_features(lambda i: feats[i], local, accelerator), feats, target)
+        _assert_same_rows(*extract_features(lambda i: feats[i], local, accelerator, on_device=True), feats, target)
+
+    # (C) kNN across processes: each scores its own half of the queries, and both return the whole set's number.
+    from mae_vit.eval import knn as knn_module
+    scored, classify = [], knn_module.knn_classify
+    knn_module.knn_classify = lambda tr, y, q, **o: scored.append(q.shape[0]) or classify(tr, y, q, **o)
+    bank, bank_y = feats.repeat(3, 1), (torch.arange(3 * _N_DIST) % 5)
+    alone = knn_accuracy(bank, bank_y, feats, target, num_classes=5, k=3)  # scores all 7 queries
+    shared = knn_accuracy(bank, bank_y, feats, target, accelerator, num_classes=5, k=3)
+    assert shared == alone and scored == [7, 4 if rank == 0 else 3]
 
 
 def test_meter_and_extract_features_across_two_accelerate_processes():
@@ -179,6 +189,27 @@ def test_knn_clustered_points_are_classified_certainly():
     assert knn_accuracy(train, train_y, test, test_y, num_classes=3, k=10) == 100.0
     # A wrong-labelled copy of the training set gives 0 % (so the test can fail).
     assert knn_accuracy(train, (train_y + 1) % 3, test, test_y, num_classes=3, k=10) == 0.0
+
+
+def test_knn_holds_a_bounded_similarity_matrix_whatever_the_bank_size(monkeypatch):
+    from mae_vit.eval import knn as knn_module
+    g = torch.Generator().manual_seed(0)
+    bank, bank_y, queries = torch.randn(50, 4, generator=g), torch.arange(50) % 3, torch.randn(40, 4, generator=g)
+    want = knn_classify(bank, bank_y, queries, num_classes=3, k=5)
+    monkeypatch.setattr(knn_module, "MAX_SIM_ELEMENTS", 50 * 8)  # room for 8 query rows against the 50-row bank
+    shapes = []
+    real_normalize = knn_module.F.normalize
+    monkeypatch.setattr(knn_module.F, "normalize", lambda x, **kw: shapes.append(x.shape[0]) or real_normalize(x, **kw))
+    torch.testing.assert_close(knn_classify(bank, bank_y, queries, num_classes=3, k=5), want)
+    assert shapes == [50, 8, 8, 8, 8, 8]  # the bank once, then 40 queries 8 at a time
+
+
+def test_each_process_scores_a_contiguous_share_of_the_queries_every_query_once():
+    from mae_vit.eval.knn import query_share
+    for n, world in ((7, 2), (10, 3), (2, 4), (0, 2)):
+        rows = [i for r in range(world) for i in range(n)[query_share(n, r, world)]]
+        assert rows == list(range(n))
+    assert query_share(7, 0, 2) == slice(0, 4) and query_share(7, 1, 2) == slice(4, 7)
 
 
 def test_knn_weighted_vote_matches_hand_computation():

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from mae_vit.bench.benchmark import benchmark_train_step, format_table, read_result, resolve_device, write_result
 from mae_vit.bench.compare import compare, markdown
 from mae_vit.bench.costs import profile_step, sweep, sweep_markdown
+from mae_vit.bench.knn_speed import knn_markdown, knn_speed
 from mae_vit.bench.loader_speed import loader_speed
 from mae_vit.config import BenchmarkConfig, parse_config
 from mae_vit.config.cli import run_tool
@@ -30,7 +31,8 @@ def main(argv):
     cfg = parse_config(BenchmarkConfig, argv, prog="benchmark.py")
     if cfg.table:
         result = read_result(cfg.table)
-        print(sweep_markdown(result) if result.get("kind") == "sweep" else markdown(result))
+        tables = {"sweep": sweep_markdown, "knn": knn_markdown}
+        print(tables.get(result.get("kind"), markdown)(result))
         return result
     shape = dict(batch_size=cfg.batch_size, img_size=cfg.img_size, mask_ratio=cfg.mask_ratio, device=cfg.device)
     if cfg.compare:
@@ -40,6 +42,9 @@ def main(argv):
         del shape["img_size"], shape["mask_ratio"]
         result = sweep(cfg.model, img_sizes=(cfg.img_size // 2, cfg.img_size), **shape, precision=cfg.precision,
                        steps=cfg.steps)
+    elif cfg.knn:
+        result = knn_speed(resolve_device(cfg.device))
+        print(knn_markdown(result))
     elif cfg.profile:
         print(profile_step(cfg.model, **shape, precision=cfg.precision))
         return None

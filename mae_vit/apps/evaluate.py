@@ -102,7 +102,7 @@ def evaluate(cfg: DictConfig, *, user_keys: Collection[str] = ()) -> dict:
         k_classes = index_classes or int(max(train_y.max(), val_y.max())) + 1
         results["data"].update(num_train=int(train_y.numel()), num_val=int(val_y.numel()), num_classes=k_classes)
         if "knn" in metrics:
-            acc = knn_accuracy(train_x, train_y, val_x.to(accelerator.device), val_y, num_classes=k_classes,
+            acc = knn_accuracy(train_x, train_y, val_x, val_y, accelerator, num_classes=k_classes,
                                k=cfg.knn.k, temperature=cfg.knn.temperature)
             results["metrics"]["knn"] = {"top1": acc, "k": cfg.knn.k, "temperature": cfg.knn.temperature}
         if "fewshot" in metrics:

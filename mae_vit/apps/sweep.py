@@ -87,7 +87,7 @@ def score(cfg: DictConfig, step: int, weights: Path, train_urls: str, val_urls: 
 
     (train_x, train_y), (val_x, val_y) = features(train_urls), features(val_urls)
     classes = int(max(train_y.max(), val_y.max())) + 1
-    knn = knn_accuracy(train_x, train_y, val_x, val_y, num_classes=classes, k=cfg.knn.k,
+    knn = knn_accuracy(train_x, train_y, val_x, val_y, accelerator, num_classes=classes, k=cfg.knn.k,
                        temperature=cfg.knn.temperature)
     shots = max(cfg.fewshot.shots)
     few = fewshot_linear(train_x, train_y, val_x, val_y, num_classes=classes, shots=[shots], draws=cfg.fewshot.draws,

@@ -242,6 +242,7 @@ class BenchmarkConfig:
                       POSITIVE)
     sweep: bool = key(False, "time the step over image sizes (img_size / 2, img_size) x mask ratios 0.5, 0.75, 0.9")
     profile: bool = key(False, "print the top operators of two train steps (torch.profiler)")
+    knn: bool = key(False, "time the kNN evaluation: a 200,000 x 768 bank against 10,000 queries, bounded and not")
     loader: Optional[str] = key(None, "(--data) shard URLs: time the loader alone with 0, 1, 2, ... workers, and say "
                               "whether training would wait for data")
     loader_seconds: float = key(10.0, "--data: seconds per worker count", _range(lambda v: v > 0, "positive"))

@@ -19,14 +19,15 @@ def sum_across_processes(accelerator, values: list[float]) -> list[float]:
     return accelerator.reduce(t, reduction="sum").cpu().tolist()
 
 
-def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
+def gather_rows(accelerator, x: torch.Tensor, on_device: bool = False) -> torch.Tensor:
     """Concatenate every process's `x` along dim 0 (rank 0's rows first); row counts may differ.
 
     `x` is (n,) or (n, D). A process that saw nothing may pass an empty (0,) or (0, 0) tensor of the
-    same dtype; the width D is taken from the processes that have rows. Returned on the CPU.
+    same dtype; the width D is taken from the processes that have rows. Returned on the CPU, or on the
+    accelerator's device with `on_device` (no host copy: what a kNN on the GPU wants).
     """
     if accelerator is None or accelerator.num_processes == 1:
-        return x.cpu()
+        return x.to(accelerator.device) if on_device and accelerator is not None else x.cpu()
     device = accelerator.device
     flat = x.ndim == 1
     x2 = (x.unsqueeze(1) if flat else x).to(device)  # (n, D)
@@ -36,7 +37,8 @@ def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(rows, width, dtype=x2.dtype, device=device)  # (rows, W)
     if x2.numel():
         padded[: x2.shape[0], : x2.shape[1]] = x2
-    everything = accelerator.gather(padded).cpu().view(len(sizes), rows, width)  # (world, rows, W)
+    everything = accelerator.gather(padded).view(len(sizes), rows, width)  # (world, rows, W)
+    everything = everything if on_device else everything.cpu()
     out = torch.cat([everything[r, : int(sizes[r, 0])] for r in range(len(sizes))])  # (sum n, W)
     out = out[:, : int(sizes[:, 1].max())]
     return out.squeeze(1) if flat else out

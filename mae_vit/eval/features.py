@@ -30,6 +30,7 @@ def extract_features(
     accelerator=None,
     *,
     device: torch.device | str | None = None,
+    on_device: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `model_fn` to every batch's inputs; return all features (N, D) float32 and labels (N,) int64, on CPU.
 
@@ -42,6 +43,8 @@ def extract_features(
     `make_loader`, not a loader prepared by Accelerate): each process keeps its share and the shares
     are concatenated once at the end (rank 0's first), so every process returns the features of the
     whole data set, each sample once; shares may differ in size, and a rank may have no batch at all.
+    With `on_device` the features stay on the device (gathered there): no host memory per process for
+    the whole set, and the kNN that follows runs on the training device.
     """
     if device is None and accelerator is not None:
         device = accelerator.device
@@ -54,12 +57,12 @@ def extract_features(
         if f.ndim != 2:
             raise ValueError(f"model_fn must return (B, D) features, got shape {tuple(f.shape)}")
         y = torch.as_tensor(y, device=f.device)
-        feats.append(f.detach().float().cpu())
-        labels.append(y.detach().long().cpu())
+        feats.append(f.detach().float() if on_device else f.detach().float().cpu())
+        labels.append(y.detach().long() if on_device else y.detach().long().cpu())
     feats_t = torch.cat(feats) if feats else torch.zeros(0, 0)  # (n, D)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)  # (n,)
     if accelerator is not None:
-        feats_t, labels_t = gather_rows(accelerator, feats_t), gather_rows(accelerator, labels_t)
+        feats_t, labels_t = gather_rows(accelerator, feats_t, on_device), gather_rows(accelerator, labels_t, on_device)
     if feats_t.shape[0] == 0:
         raise DataError(
             "Feature extraction saw no samples: the data loader is empty. Check the data path and split, and that "

@@ -24,6 +24,7 @@ from mae_vit.train.batches import ShardBatches, train_batches, transform_for
 from mae_vit.train.build import build_adamw, build_model, resolve_data
 from mae_vit.train.loop import Task, train
 from mae_vit.train.monitor import on_main_process
+from mae_vit.train.run_config import run_metadata
 from mae_vit.train.rundir import SWEEP_FILES, RunDir, TrainState
 from mae_vit.viz.io import save_png
 from mae_vit.viz.reconstruction import reconstruction_grid
@@ -74,7 +75,8 @@ class Pretrain(Task):
 
     def build_data(self, run: RunDir, resumed: bool):
         self.run = run
-        self.fixed = _fixed_images(self.val_urls or self.train_urls, self.cfg) if self.accelerator.is_main_process else None
+        main = self.accelerator.is_main_process
+        self.fixed = _fixed_images(self.val_urls or self.train_urls, self.cfg) if main else None
         return train_batches(self.train_urls, self.cfg, "pretrain", accelerator=self.accelerator,
                              labels=self.probe is not None)
 
@@ -87,7 +89,7 @@ class Pretrain(Task):
         self.probe_loss_sum, self.probe_batches = self.probe_loss_sum + probe_loss.detach(), self.probe_batches + 1
         return loss + (probe_loss - probe_loss.detach())  # the MAE loss in value; both in the gradient
 
-    def after_step(self, step: int, state: TrainState, *, epoch_end: bool, last: bool) -> bool:
+    def after_step(self, step: int, state: TrainState, *, epoch_end: bool, last: bool) -> None:
         cfg = self.cfg
         if step % cfg.train.vis_every == 0 or last:
             on_main_process(self.accelerator, lambda: _visualise(self.accelerator, self.model, self.fixed, cfg,
@@ -104,17 +106,17 @@ class Pretrain(Task):
             self.probe_top1 = classifier_metrics(probe, val.batches(), self.accelerator)["top1"]
             self.accelerator.log({"val/online_probe_top1": self.probe_top1}, step=step)
             log.info("epoch %d: online probe top-1 %.2f%% on the validation split (its training cross-entropy %.3f; "
-                     "chance: %.3f)", epoch, self.probe_top1, self.probe_loss, math.log(self.probe.head[1].out_features))
+                     "chance: %.3f)", epoch, self.probe_top1, self.probe_loss,
+                     math.log(self.probe.head[1].out_features))
         if epoch_end and cfg.knn.every and self.val_urls and epoch % cfg.knn.every == 0:
             self.knn_top1 = knn_monitor(self.accelerator, self.model, self.train_urls, self.val_urls, cfg)
             self.accelerator.log({"val/knn_top1": self.knn_top1}, step=step)
             log.info("epoch %d: kNN top-1 %.2f%% (k=%d, T=%g)", epoch, self.knn_top1, cfg.knn.k, cfg.knn.temperature)
-        return False
 
     def finish(self, state: TrainState) -> dict:
         a, cfg = self.accelerator, self.cfg
         weights = self.run.path / EXPORT_NAME
-        on_main_process(a, lambda: export_safetensors(self.model, weights))
+        on_main_process(a, lambda: export_safetensors(self.model, weights, metadata=run_metadata(cfg)))
         versus = None
         if cfg.knn.vs_random:
             versus = encoder_vs_random(a, self.model, self.train_urls, self.val_urls, cfg)
@@ -143,7 +145,8 @@ def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictCon
     """kNN top-1 (%) of the encoder's class-token features: labelled train shards as the memory bank.
 
     Every process encodes its share of both sets (eval transform, no masking); the features are
-    gathered once so that each process holds all of them, then classified with the weighted kNN.
+    gathered once on the device, so that each process holds all of them there, and each process scores
+    its share of the validation features with the weighted kNN.
     """
     m, d = cfg.model, cfg.data
     tf = transform_for(cfg, "eval")
@@ -153,14 +156,15 @@ def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictCon
                              rank=accelerator.process_index, world_size=accelerator.num_processes, shuffle=False,
                              with_labels=True, in_chans=m.in_chans, drop_last=False)
         with accelerator.autocast():
-            return extract_features(lambda x: model.forward_features(x)[:, 0].float(), loader, accelerator)
+            return extract_features(lambda x: model.forward_features(x)[:, 0].float(), loader, accelerator,
+                                    on_device=True)
 
     was_training = model.training
     model.eval()
     (train_f, train_y), (val_f, val_y) = features(train_urls), features(val_urls)
     model.train(was_training)
     num_classes = int(max(train_y.max(), val_y.max())) + 1
-    return knn_accuracy(train_f, train_y, val_f, val_y, num_classes=num_classes, k=cfg.knn.k,
+    return knn_accuracy(train_f, train_y, val_f, val_y, accelerator, num_classes=num_classes, k=cfg.knn.k,
                         temperature=cfg.knn.temperature)
 
 
