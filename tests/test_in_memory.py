@@ -18,7 +18,7 @@ from mae_vit.data import make_loader, synthetic_samples, write_shards
 from mae_vit.data.in_memory import crop_boxes, decode_all, random_resized_crop_flip
 from mae_vit.errors import DataError
 from mae_vit.tasks.pretrain import Pretrain
-from mae_vit.train.batches import MemoryBatches
+from mae_vit.train.batches import MemoryBatches, TensorBatches
 
 TINY = ["model.img_size=16", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.decoder_embed_dim=32",
         "model.decoder_depth=1", "model.decoder_num_heads=2", "data.batch_size=16", "data.num_workers=0",
@@ -174,3 +174,46 @@ def test_pretrainings_default_holds_the_synthetic_demo_in_memory_and_streams_giv
         assert cfg.data.in_memory is parsed
         Pretrain(cfg).check(resuming=False)
         assert cfg.data.in_memory is expected
+
+
+class IndexDevices(torch.overrides.TorchFunctionMode):
+    """Records the device of every tensor index used to read from a tensor (x[idx])."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__ and isinstance(args[1], torch.Tensor):
+            self.devices.append((args[0].device, args[1].device))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_in_memory_path_indexes_the_device_tensor_with_an_index_already_on_that_device():
+    # "meta" stands in for a GPU: a CPU index into a device tensor is a blocking host-to-device copy per batch
+    images, labels = torch.empty(40, 3, 8, 8, dtype=torch.uint8), torch.arange(40)
+    data = TensorBatches(images.to("meta"), labels.to("meta"), batch_size=4, seed=7, rank=1, world_size=2)
+    with IndexDevices() as seen:
+        batches = list(data.batches(2, skip=1))
+    assert len(batches) == 4 and len(seen.devices) == 8  # images and labels of each batch
+    assert all(index == tensor == torch.device("meta") for tensor, index in seen.devices)
+    # the order is the CPU permutation of (seed, epoch) whatever the device: a resume replays it anywhere
+    cpu = list(TensorBatches(images, labels, batch_size=4, seed=7, rank=1, world_size=2).batches(2, skip=1))
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(7 * 1_000_003 + 2))[1::2]
+    assert torch.equal(torch.cat([b["label"] for b in cpu]), order[4:20])
+
+
+@pytest.mark.gpu
+def test_an_in_memory_epoch_on_the_gpu_never_waits_for_the_device():
+    images = torch.randint(0, 256, (64, 3, 12, 12), dtype=torch.uint8)
+    data = MemoryBatches(images, torch.arange(64), img_size=8, crop_scale=(0.2, 1.0), hflip=True, mean=[0.5] * 3,
+                         std=[0.5] * 3, batch_size=8, seed=1, device="cuda")
+    list(data.batches(0))  # warm: kernels loaded, the generator made
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync (a blocking copy, .item(), .cpu()) raises
+    try:
+        batches = list(data.batches(1, skip=2))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batches) == 6 and batches[0]["image"].device.type == "cuda"
+    assert sorted(torch.cat([b["label"] for b in data.batches(1)]).tolist()) == list(range(64))

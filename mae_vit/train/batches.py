@@ -89,7 +89,10 @@ class TensorBatches:
     """Batches of in-memory inputs (N, ...) and labels (N,), e.g. cached features.
 
     Every process draws the same permutation per (seed, epoch) (file order when not `train`) and takes
-    every `world_size`-th entry of it from its `rank`: the shares are disjoint and cover all.
+    every `world_size`-th entry of it from its `rank`: the shares are disjoint and cover all. The permutation
+    is drawn on the CPU (the same order on any device, so a resume replays it anywhere) and this process's
+    share moves to the inputs' device once per epoch, without a host sync: indexing a GPU tensor with a CPU
+    index would copy the index with a blocking copy at every batch, so the CPU could never run ahead.
     """
 
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int, rank: int = 0,
@@ -108,11 +111,18 @@ class TensorBatches:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         else:
             order = torch.arange(n)
-        mine = order[self.rank::self.world_size]
+        mine = _to_device(order[self.rank::self.world_size], self.inputs.device)
         count = self.batches_per_epoch(epoch) if self.train else -(-mine.shape[0] // self.batch_size)
         for i in range(skip, count):
             idx = mine[i * self.batch_size:(i + 1) * self.batch_size]
             yield {"image": self.inputs[idx], "label": self.labels[idx], "skipped": 0}
+
+
+def _to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU through pinned memory, asynchronously (no host sync)."""
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned block until the copy ran
+    return index.to(device)
 
 
 def _normaliser(mean, std, device):
