@@ -6,6 +6,7 @@ No GPU here: these tests run the CPU fallback, the same code with device="cpu".
 import io
 import json
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,11 +32,13 @@ def jpeg(image: Image.Image) -> bytes:
 
 
 def grey_shards(folder, count=24, per_shard=4, bad=(), png=()):
-    """Sample i: a flat grey JPEG of value 10 i (PNG for i in `png`, broken bytes for i in `bad`), (8 + i % 5) px
-    wide and 10 px high, label i: every sample tells its label by its pixels."""
+    """Sample i: a flat grey JPEG of value 10 i (PNG for i in `png`; for i in `bad` a JPEG cut before its data,
+    whose header reads well), (8 + i % 5) px wide and 10 px high, label i: every sample tells its label by its
+    pixels."""
     def sample(i):
         image = Image.fromarray(np.full((10, 8 + i % 5), 10 * i, np.uint8), "L")
-        data = (b"not a jpeg", "jpg") if i in bad else image if i in png else (jpeg(image), "jpg")
+        encoded = jpeg(image)
+        data = (encoded[:encoded.find(b"\xff\xda")], "jpg") if i in bad else image if i in png else (encoded, "jpg")
         return f"{i:06d}", data, i
     write_shards((sample(i) for i in range(count)), folder, samples_per_shard=per_shard, progress=False,
                  num_classes=count, stats=False)
@@ -128,3 +131,37 @@ def test_the_loader_benchmark_times_the_gpu_decode_path_on_the_device_it_is_give
                           report=lambda _: None)
     assert result["gpu_decode"] == "cpu" and result["rows"][0]["images"] % 4 == 0
     assert result["rows"][0]["images_per_s"] > 0
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_png_stored_as_jpg_is_decoded_like_on_the_shard_path_not_skipped(tmp_path):
+    def sample(i):  # sample i: flat grey 10 i; the odd ones are PNG bytes in a .jpg member, as make_shards keeps them
+        image = Image.fromarray(np.full((10, 8), 10 * i, np.uint8), "L")
+        return f"{i:06d}", (png_bytes(image) if i % 2 else jpeg(image), "jpg"), i
+    write_shards((sample(i) for i in range(8)), tmp_path, samples_per_shard=4, progress=False, num_classes=8,
+                 stats=False)
+    urls = str(tmp_path / "shard-{000000..000001}.tar")
+    batches = list(GpuDecodeBatches(urls, config(shuffle_buffer=0), accelerator=CPU, img_size=6).batches(0))
+    labels, images = torch.cat([b["label"] for b in batches]), torch.cat([b["image"] for b in batches])
+    assert sum(b["skipped"] for b in batches) == 0 and sorted(labels.tolist()) == list(range(8))
+    assert torch.allclose(images.mean(dim=(1, 2, 3)) * 255, 10.0 * labels, atol=1.5)
+
+
+def test_the_decompression_bomb_limit_skips_the_same_images_on_every_path(tmp_path, monkeypatch):
+    urls = grey_shards(tmp_path)  # 10 px high, 8 + i % 5 wide: 80 to 120 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # PIL refuses above twice this: widths 11 and 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # above the limit itself: a warning
+        shard_path = list(make_loader(urls, batch_size=4, in_chans=1, shuffle=False, drop_last=False,
+                                      transform=lambda image: TF.pil_to_tensor(image.resize((6, 6)))))
+        gpu_path = list(GpuDecodeBatches(urls, config(shuffle_buffer=0), accelerator=CPU, img_size=6).batches(0))
+    bombs = [i for i in range(24) if 8 + i % 5 > 10]
+    good = [i for i in range(24) if i not in bombs]
+    assert sorted(torch.cat([b["label"] for b in shard_path]).tolist()) == good
+    assert set(torch.cat([b["label"] for b in gpu_path]).tolist()) < set(good)  # training: full batches only
+    assert sum(b["skipped"] for b in shard_path) == sum(b["skipped"] for b in gpu_path) == len(bombs) == 9

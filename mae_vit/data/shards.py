@@ -188,9 +188,11 @@ class ShardDataset(IterableDataset):
             image_key = next((k for k in IMAGE_KEYS if k in raw), None)
             if image_key is None:
                 raise ValueError(f"no image member (has {sorted(k for k in raw if not k.startswith('__'))})")
-            encoded = self.keep_jpeg and image_key in ("jpg", "jpeg")
-            if not encoded:
-                with Image.open(io.BytesIO(raw[image_key])) as opened:
+            # open() reads the header only: the format from the bytes (a PNG named .jpg is decoded here) and
+            # PIL's decompression-bomb limit, the same for JPEGs kept encoded for the GPU (data.gpu_decode)
+            with Image.open(io.BytesIO(raw[image_key])) as opened:
+                encoded = self.keep_jpeg and opened.format == "JPEG"
+                if not encoded:
                     image = to_8bit(opened).convert(self.mode)  # forces the full decode
             label = None
             if self.with_labels:
