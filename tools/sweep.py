@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from mae_vit.config import SweepConfig, parse_config
 from mae_vit.config.cli import run_tool
+from mae_vit.config.trust import allowed_flags
 
 
 def main(argv):
@@ -21,7 +22,7 @@ def main(argv):
     from mae_vit.apps.sweep import sweep
     from mae_vit.train.build import user_set_keys  # after parsing: --help and config errors stay fast
 
-    return sweep(cfg, user_keys=user_set_keys(cfg, argv))
+    return sweep(cfg, user_keys=user_set_keys(cfg, argv), allowed=allowed_flags(argv))
 
 
 if __name__ == "__main__":

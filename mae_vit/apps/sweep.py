@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mae_vit.apps.evaluate import FEWSHOT_SEED, feature_fn, features_in_key_order
 from mae_vit.checkpoint import EXPORT_NAME, export_safetensors, read_file, to_state_dict
+from mae_vit.config.trust import check_trust
 from mae_vit.data import make_loader, read_index
 from mae_vit.errors import ConfigError, DataError
 from mae_vit.eval import fewshot_linear, knn_accuracy
@@ -34,8 +35,9 @@ from mae_vit.viz.io import save_figure
 log = logging.getLogger("mae_vit")
 
 
-def sweep(cfg: DictConfig, user_keys=()) -> dict:
-    """Score the checkpoints of `cfg.run`; returns what sweep.json holds."""
+def sweep(cfg: DictConfig, user_keys=(), allowed=()) -> dict:
+    """Score the checkpoints of `cfg.run`; returns what sweep.json holds. `allowed`: the command line's trust
+    flags (`check_trust`), which the data taken from the run's config.yaml must pass."""
     run = RunDir(cfg.run)
     points = [(read_state(p).step, p / "model.safetensors") for p in run.complete_checkpoints()]
     final = run.path / EXPORT_NAME
@@ -48,10 +50,11 @@ def sweep(cfg: DictConfig, user_keys=()) -> dict:
     setup_logging(accelerator.is_main_process)
     cfg = model_config_from_run(run.path, cfg, user_keys=user_keys)
     if run.config_file.is_file() and not {"data.train", "data.val"} & set(user_keys):  # the run's own data
-        saved = OmegaConf.load(run.config_file).get("data", {})
+        saved = OmegaConf.to_container(OmegaConf.load(run.config_file), resolve=False).get("data") or {}
         for name in ("train", "val", "cache_dir", "synthetic_samples", "synthetic_classes"):
             if name in saved:
                 cfg.data[name] = saved[name]
+    check_trust(cfg, allowed, typed=user_keys)  # config.yaml is a config file too: no pipe:, no environment
     train_urls, val_urls = resolve_data(cfg, accelerator)
     if val_urls is None or not (read_index(train_urls) or {}).get("num_classes"):
         raise DataError("the sweep needs labelled training and validation shards (data.train, data.val).")

@@ -22,9 +22,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mae_vit.config.paths import resolve_paths
 from mae_vit.config.schema import format_value, leaf_fields, quote, validate_config
-from mae_vit.config.trust import TRUST_FLAGS, check_trust
+from mae_vit.config.trust import TRUST_FLAGS, allowed_flags, check_trust
 from mae_vit.errors import EXIT_STOPPED, ConfigError, NonFiniteLossError, StoppedBySignal, UserError
 from mae_vit.files import expand_path, write_text
 
@@ -206,7 +205,7 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
         print(format_help(schema_cls, prog))
         raise SystemExit(0)
 
-    allowed = {word for word in argv if word in TRUST_FLAGS}
+    allowed = allowed_flags(argv)
     config_files, overrides = _split_argv([word for word in argv if word not in TRUST_FLAGS], flags)
     cfg = OmegaConf.structured(schema_cls)
     OmegaConf.set_struct(cfg, True)
@@ -216,12 +215,8 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
             _set(cfg, schema_cls, key, value, f"in config file '{path}'")
     for key, text, source in overrides:
         _set(cfg, schema_cls, key, _typed_value(text, key, leaves), source)
-    check_trust(cfg, allowed)
-    try:
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot resolve an ${{...}} interpolation in the config: {_one_line(e)}") from None
-    resolve_paths(cfg)  # `~`, $VARS, relative paths: absolute before anything reads or writes them
+    # ${...} resolved, then `~`, $VARS, relative paths made absolute, before anything reads or writes them
+    check_trust(cfg, allowed, typed={key for key, _, _ in overrides})
     validate_config(cfg)
     return cfg
 

@@ -25,6 +25,7 @@ URL_KEYS = ("data.train", "data.val", "loader")
 BUILTIN_SOURCES = ("synthetic", "fashion-mnist")
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")
+_VAR = re.compile(r"\$(\w+|\{[^}]*\})", re.ASCII)  # what os.path.expandvars expands
 
 
 def _expand_spec_part(part: str) -> str:
@@ -50,6 +51,15 @@ def expand_source(source: str) -> str:
     if sep and name in BUILTIN_SOURCES:
         return f"{name}:{expand_path(folder)}"
     return expand_path(source)
+
+
+def environment_names(key: str, value: str) -> list[str]:
+    """The `$VAR`s that `resolve_paths` would expand in `value` of `key` (none in remote parts of a shard spec)."""
+    if key not in (*PATH_KEYS, *URL_KEYS, "source"):
+        return []
+    parts = [p.strip() for p in value.split("::")] if key in URL_KEYS else [value]
+    local = [p for p in parts if key not in URL_KEYS or p.startswith("file:") or not _SCHEME.match(p)]
+    return [m.group(0) for p in local for m in _VAR.finditer(p)]
 
 
 def resolve_paths(cfg: DictConfig) -> None:
