@@ -165,3 +165,29 @@ def test_the_decompression_bomb_limit_skips_the_same_images_on_every_path(tmp_pa
     assert sorted(torch.cat([b["label"] for b in shard_path]).tolist()) == good
     assert set(torch.cat([b["label"] for b in gpu_path]).tolist()) < set(good)  # training: full batches only
     assert sum(b["skipped"] for b in shard_path) == sum(b["skipped"] for b in gpu_path) == len(bombs) == 9
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_decode_never_overwrites_memory_that_queued_kernels_still_read():
+    # pytorch/vision#9606: blocks freed while queued kernels still read them must not receive decoded pixels
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB").resize((64, 64))
+                for _ in range(16)]
+    jpegs = [torch.frombuffer(bytearray(jpeg(p)), dtype=torch.uint8) for p in pictures]
+    decoder = JpegDecoder(3, "cuda")
+    decoder(jpegs)  # warm: nvJPEG's handle, the side stream's pool
+    big, wrong = torch.randn(8192, 8192, device="cuda"), 0
+    for _ in range(20):
+        filled = [torch.full((3, 64, 64), 7, dtype=torch.uint8, device="cuda") for _ in range(16)]  # decode-sized
+        torch.cuda.synchronize()
+        for _ in range(10):
+            big @ big  # about 10 TFLOP queued ahead of the reads
+        sums = [t.sum(dtype=torch.int64) for t in filled]  # queued behind the matmuls
+        del filled  # freed while their reads still wait
+        images, kept = decoder(jpegs)
+        torch.cuda.synchronize()
+        wrong += sum(int(s) != 7 * 3 * 64 * 64 for s in sums)
+    assert wrong == 0 and kept == list(range(16))
+    expected = [torch.from_numpy(np.array(Image.open(io.BytesIO(jpeg(p))))).permute(2, 0, 1) for p in pictures]
+    # nvJPEG and libjpeg-turbo differ in IDCT rounding and chroma upsampling: on average within 2 grey levels
+    assert max(float((i.cpu().float() - e.float()).abs().mean()) for i, e in zip(images, expected)) <= 2
