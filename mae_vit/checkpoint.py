@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,6 +38,7 @@ WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
 PREFIXES = ("module.", "_orig_mod.")
 ONLINE_PROBE_PREFIX = "mae."  # checkpoints of pretraining with an online probe: the MAE, then the probe's head
 EXPORT_NAME = "model.safetensors"  # what a pretraining / fine-tuning run exports into its directory
+RUN_METADATA = "mae_vit.run"  # an export's metadata key: its run's model section (train/run_config.py)
 
 
 @dataclass
@@ -178,10 +180,20 @@ def load_weights(model: nn.Module, source, *, strict: bool = False, verbose: boo
     return report
 
 
-def export_safetensors(model_or_sd, path: str | os.PathLike) -> Path:
-    """Write weights as `.safetensors` atomically (temp file in the same folder, then rename)."""
+def export_safetensors(model_or_sd, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write weights as `.safetensors` atomically (temp file in the same folder, then rename), with `metadata`
+    in the file's header (a run's exports: its architecture under `RUN_METADATA`)."""
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_state_dict(sd).items()}
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp))
+        save_file(sd, str(tmp), metadata=metadata)
     return Path(path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a `.safetensors` file's header (the tensors are not read); CheckpointError if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({e}).") from None

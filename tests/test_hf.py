@@ -52,9 +52,10 @@ def test_the_export_tool_turns_a_pretraining_run_into_a_folder_transformers_load
     root = Path(__file__).resolve().parents[1]
     train, _ = ensure_demo_shards(tmp_path / "cache", num_samples=64)
     run = tmp_path / "run"
-    tiny = ["model.img_size=16", "model.embed_dim=48", "model.depth=1", "model.num_heads=3", "model.decoder_embed_dim=32",
-            "model.decoder_depth=1", "model.decoder_num_heads=2", "data.batch_size=16", "data.num_workers=0",
-            "optim.epochs=1", "optim.warmup_epochs=0", "knn.vs_random=false"]
+    tiny = ["model.img_size=16", "model.embed_dim=48", "model.depth=1", "model.num_heads=3",
+            "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2", "data.batch_size=16",
+            "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0", "knn.vs_random=false",
+            "model.mask_ratio=0.5"]
     for cmd in (["pretrain.py", "--output-dir", str(run), "--data", train, *tiny],
                 ["export_hf.py", "--checkpoint", str(run), "--output-dir", str(tmp_path / "hf")]):
         result = subprocess.run([sys.executable, str(root / "tools" / cmd[0]), *cmd[1:]], capture_output=True,
@@ -62,6 +63,46 @@ def test_the_export_tool_turns_a_pretraining_run_into_a_folder_transformers_load
         assert result.returncode == 0, result.stderr[-2000:]
     theirs = transformers.ViTMAEForPreTraining.from_pretrained(str(tmp_path / "hf"))
     assert theirs.config.hidden_size == 48 and theirs.config.image_size == 16 and theirs.config.num_hidden_layers == 1
+    assert theirs.config.mask_ratio == 0.5  # the run's, not HF's default 0.75
     exported = theirs.state_dict()["vit.embeddings.cls_token"]
     from safetensors.torch import load_file
     assert torch.equal(exported, load_file(str(run / "model.safetensors"))["cls_token"])
+
+
+def test_a_hybrid_is_refused_because_transformers_has_no_resnet_stem(tmp_path):
+    from mae_vit.errors import ConfigError
+    hybrid = create_model("mae_vit_tiny_hybrid_r18", img_size=32, embed_dim=32, depth=1, num_heads=2,
+                          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    with pytest.raises(ConfigError, match="ResNet stem"):
+        export_hf(hybrid, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_exported_mae_masks_the_share_of_patches_it_was_trained_with(tmp_path):
+    ours = create_model("mae_vit_tiny_patch4", img_size=16, depth=1, decoder_depth=1, decoder_embed_dim=32,
+                        decoder_num_heads=2).eval()
+    export_hf(ours, tmp_path / "hf", mask_ratio=0.5)
+    theirs = transformers.ViTMAEForPreTraining.from_pretrained(str(tmp_path / "hf")).eval()
+    assert theirs.config.mask_ratio == 0.5
+    with torch.no_grad():
+        assert theirs(pixel_values=torch.randn(2, 3, 16, 16)).mask.sum(1).tolist() == [8, 8]  # 8 of 16 patches
+
+
+def test_the_export_tool_refuses_a_hybrid_run_with_exit_2_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mae_vit.checkpoint import export_safetensors
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = {"name": "mae_vit_tiny_hybrid_r18", "img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2,
+             "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}
+    (run / "config.yaml").write_text(json.dumps({"model": model}))  # JSON is YAML
+    export_safetensors(create_model(**model), run / "model.safetensors")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "export_hf.py"
+    result = subprocess.run([sys.executable, str(tool), "--checkpoint", str(run), "--output-dir", str(tmp_path / "hf")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "exported" not in result.stdout
+    assert "ResNet stem" in result.stderr and not (tmp_path / "hf").exists()

@@ -58,3 +58,44 @@ def test_the_export_tool_turns_a_fine_tuning_run_into_an_onnx_file(tmp_path):
                   "model.num_heads=4")
     assert "exported" in result.stdout and out.is_file()
     assert run_onnx(out, torch.zeros(2, 3, 16, 16)).shape == (2, 3)
+
+
+def test_a_hybrid_exports_its_resnet_stem_and_onnxruntime_gives_our_outputs(tmp_path):
+    """The stem's input has the image's channels (not the 1x1 projection's 64), batch norms in eval mode."""
+    hybrid = dict(img_size=32, embed_dim=32, depth=1, num_heads=2, hybrid_stages=1)  # ResNet-18 conv1..layer1
+    classifier = create_model("vit_tiny_hybrid_r18", num_classes=4, **hybrid).eval()
+    mae = create_model("mae_vit_tiny_hybrid_r18", decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+                       **hybrid).eval()
+    for model in (classifier, mae):
+        torch.nn.init.normal_(model.patch_embed.backbone.bn1.running_mean, std=0.1)  # not the identity
+    torch.nn.init.normal_(classifier.head.weight, std=0.1)
+    images = torch.randn(2, 3, 32, 32)
+    for model, shape in ((classifier, (2, 4)), (mae, (2, 1 + 8 * 8, 32))):
+        path = export_onnx(model, tmp_path / "hybrid.onnx")
+        with torch.no_grad():
+            ours = model(images) if shape == (2, 4) else model.forward_features(images)
+        theirs = run_onnx(path, images)
+        assert theirs.shape == shape and ours.abs().max() > 0.01
+        assert torch.allclose(theirs, ours, atol=1e-4)
+
+
+def test_the_export_tool_exports_a_hybrid_from_a_weights_file_that_carries_its_run(tmp_path):
+    """A copied model.safetensors alone: the architecture and mean/std come from its metadata."""
+    import json
+
+    from conftest import tool
+
+    from mae_vit.checkpoint import RUN_METADATA, export_safetensors
+    model = {"name": "vit_tiny_hybrid_r18", "img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2,
+             "num_classes": 3}
+    ours = create_model(**model).eval()
+    torch.nn.init.normal_(ours.head.weight, std=0.1)
+    run = {"model": {**model, "global_pool": True}, "data": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]}}
+    weights = export_safetensors(ours, tmp_path / "weights.safetensors", metadata={RUN_METADATA: json.dumps(run)})
+    out = tmp_path / "hybrid.onnx"
+    result = tool("export_onnx.py", "--checkpoint", str(weights), "--output", str(out))
+    assert "exported" in result.stdout and "no run config" not in result.stdout
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["mae_vit.mean"] == "[0.5, 0.4, 0.3]"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(run_onnx(out, images), ours(images), atol=1e-4)

@@ -4,7 +4,8 @@ classifier as ViTForImageClassification.
     python tools/export_hf.py --checkpoint runs/pretrain --output-dir runs/pretrain_hf
     # then: transformers.ViTMAEForPreTraining.from_pretrained("runs/pretrain_hf")
 
-The model is the one the checkpoint's run was trained as (its config.yaml); model.* keys override it.
+The model is the one the checkpoint's run was trained as (its config.yaml, or an export's metadata); model.* keys
+override it. An MAE keeps its run's mask ratio. Hybrids (a ResNet stem) are refused: transformers has no such stem.
 """
 
 import sys
@@ -20,9 +21,10 @@ def main(argv):
     cfg = parse_config(ExportHfConfig, argv, prog="export_hf.py")
     from mae_vit.export.hf import export_hf
     from mae_vit.train.build import checkpoint_model
+    from mae_vit.train.run_config import run_value
 
     cfg, model = checkpoint_model(cfg, argv)
-    folder = export_hf(model, cfg.output_dir)
+    folder = export_hf(model, cfg.output_dir, mask_ratio=run_value(cfg.checkpoint, "model.mask_ratio", 0.75))
     print(f"exported {cfg.checkpoint} to {folder} (config.json, model.safetensors)")
     return folder
 

@@ -3,7 +3,8 @@
     python tools/export_onnx.py --checkpoint runs/finetune --output runs/finetune/model.onnx
     # then: onnxruntime.InferenceSession("runs/finetune/model.onnx").run(None, {"image": images})
 
-The model is the one the checkpoint's run was trained as (its config.yaml); model.* keys override it.
+The model is the one the checkpoint's run was trained as (its config.yaml, or an export's metadata); model.* keys
+override it. Hybrids export with their ResNet stem.
 Inputs are images normalised as in training (data.mean / data.std, also in the file's metadata).
 """
 
@@ -12,8 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import yaml
-
 from mae_vit.config import ExportOnnxConfig, parse_config
 from mae_vit.config.cli import run_tool
 
@@ -21,13 +20,14 @@ from mae_vit.config.cli import run_tool
 def main(argv):
     cfg = parse_config(ExportOnnxConfig, argv, prog="export_onnx.py")
     from mae_vit.export.onnx import export_onnx
-    from mae_vit.train.build import checkpoint_model, find_run_config
+    from mae_vit.train.build import checkpoint_model
+    from mae_vit.train.run_config import read_run_config, run_value
 
     cfg, model = checkpoint_model(cfg, argv)
-    run_config = find_run_config(cfg.checkpoint)  # its data.mean / data.std go into the file's metadata
-    data = (yaml.safe_load(run_config.read_text()) or {}).get("data") or {} if run_config else {}
-    path = export_onnx(model, cfg.output, mean=data.get("mean"), std=data.get("std"))
-    print(f"exported {cfg.checkpoint} to {path}" + ("" if run_config else " (no run config.yaml: model.* as given)"))
+    mean, std = run_value(cfg.checkpoint, "data.mean"), run_value(cfg.checkpoint, "data.std")  # into the metadata
+    path = export_onnx(model, cfg.output, mean=mean, std=std)
+    known = read_run_config(cfg.checkpoint) is not None
+    print(f"exported {cfg.checkpoint} to {path}" + ("" if known else " (no run config.yaml: model.* as given)"))
     return path
 
 

@@ -15,8 +15,9 @@ from mae_vit.config.cli import run_tool
 def main(argv):
     cfg = parse_config(FinetuneConfig, argv, prog="finetune.py")
     from mae_vit.tasks.finetune import finetune  # after parsing: --help and config errors stay fast
+    from mae_vit.train.run_config import user_set_keys
 
-    finetune(cfg)
+    finetune(cfg, user_keys=user_set_keys(cfg, argv))  # the keys given win over the checkpoint's run
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from mae_vit.config.cli import run_tool
 def main(argv):
     cfg = parse_config(LinprobeConfig, argv, prog="linprobe.py")
     from mae_vit.tasks.linprobe import linprobe  # after parsing: --help and config errors stay fast
+    from mae_vit.train.run_config import user_set_keys
 
-    linprobe(cfg)
+    linprobe(cfg, user_keys=user_set_keys(cfg, argv))  # the keys given win over the checkpoint's run
 
 
 if __name__ == "__main__":

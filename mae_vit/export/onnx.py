@@ -41,7 +41,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, mean=None, std=Non
     is_mae = hasattr(model, "decoder_blocks")
     net = (EncoderFeatures(model) if is_mae else model).eval()
     size = model.patch_embed.img_size
-    example = torch.zeros(1, model.patch_embed.proj.in_channels, *size)
+    example = torch.zeros(1, model.in_chans, *size)  # (not the projection's: a hybrid's takes the ResNet's map)
     output = "features" if is_mae else "logits"
     path = Path(path)
     with atomic_path(path) as tmp, warnings.catch_warnings():

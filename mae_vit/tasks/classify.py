@@ -32,6 +32,7 @@ from mae_vit.train.batches import ShardBatches, transform_for
 from mae_vit.train.build import resolve_data
 from mae_vit.train.loop import Task
 from mae_vit.train.monitor import on_main_process
+from mae_vit.train.run_config import run_metadata
 from mae_vit.train.rundir import RunDir, TrainState
 
 log = logging.getLogger("mae_vit")
@@ -123,7 +124,8 @@ class ClassifierTask(Task):
         state.last_eval = metrics
         if state.best is None or metrics["top1"] > state.best["top1"]:
             state.best = metrics
-            on_main_process(self.accelerator, lambda: export_safetensors(self.classifier, self.run.path / BEST_NAME))
+            on_main_process(self.accelerator, lambda: export_safetensors(self.classifier, self.run.path / BEST_NAME,
+                                                                         metadata=run_metadata(self.cfg)))
         self.accelerator.log({"val/top1": metrics["top1"], "val/top5": metrics["top5"], "val/loss": metrics["loss"]},
                              step=state.step)
         log.info("epoch %s step %d: val top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (%d images; best top-1 %.2f%% at "
@@ -136,7 +138,8 @@ class ClassifierTask(Task):
         summary = {"task": self.name, "step": state.step, "epoch": state.epoch, "num_classes": self.num_classes,
                    "img_size": self.img_size, "train_loss": state.last_loss, "final": state.last_eval,
                    "best": state.best, **self.extra_results()}
-        on_main_process(self.accelerator, lambda: (export_safetensors(self.classifier, weights),
+        on_main_process(self.accelerator, lambda: (export_safetensors(self.classifier, weights,
+                                                                      metadata=run_metadata(self.cfg)),
                                                    write_json(metrics_file, summary)))
         if state.last_eval is not None:
             log.info("done: step %d; final val top-1 %.2f%%, best %.2f%% at epoch %s; weights in %s and %s, metrics "

@@ -12,6 +12,7 @@ is `train/loop.py`; evaluation and the best/last export are `tasks/classify.py`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import torch
 from omegaconf import DictConfig
@@ -24,13 +25,20 @@ from mae_vit.tasks.classify import ClassifierTask, soft_target_cross_entropy
 from mae_vit.train.batches import ShardBatches, train_batches
 from mae_vit.train.build import build_adamw, build_model, check_encoder_loaded
 from mae_vit.train.loop import train
+from mae_vit.train.run_config import FromRun, encoder_config_from_run, naming_given_keys, user_set_keys
 
 log = logging.getLogger("mae_vit")
 
 
-def finetune(cfg: DictConfig) -> dict:
-    """Run (or resume) fine-tuning as configured (a FinetuneConfig); returns the summary of the run."""
-    return train(cfg, Finetune(cfg))
+def finetune(cfg: DictConfig, *, user_keys: Collection[str] | None = None) -> dict:
+    """Run (or resume) fine-tuning as configured (a FinetuneConfig); returns the summary of the run.
+
+    A checkpoint of this project's runs gives the encoder's architecture and normalisation
+    (`encoder_config_from_run`) but for the keys the user gave: `user_keys` (`user_set_keys(cfg, argv)`;
+    None: those that differ from the defaults).
+    """
+    cfg, origin = encoder_config_from_run(cfg, user_set_keys(cfg) if user_keys is None else user_keys)
+    return train(cfg, Finetune(cfg, origin))
 
 
 def build_finetune_model(model: DictConfig, *, img_size: int, num_classes: int, pretrained: dict | None,
@@ -55,16 +63,19 @@ class Finetune(ClassifierTask):
 
     name = "finetune"
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, origin: FromRun | None = None):
         super().__init__(cfg, img_size=cfg.resolution or cfg.model.img_size)
-        self.mixer = None
+        self.mixer, self.origin = None, origin  # origin: what the config took from the checkpoint's run
 
     def make_model(self, num_classes: int, pretrained: dict | None) -> tuple[nn.Module, nn.Module]:
         a = self.cfg.augment
         self.mixer = mixup_cutmix(num_classes, mixup=a.mixup, cutmix=a.cutmix, label_smoothing=a.label_smoothing)
         self.smoothed = nn.CrossEntropyLoss(label_smoothing=a.label_smoothing)
-        net, report = build_finetune_model(self.cfg.model, img_size=self.img_size, num_classes=num_classes,
-                                           pretrained=pretrained, source=self.checkpoint)
+        if self.origin is not None:
+            log.info("%s", self.origin)
+        with naming_given_keys(self.origin):
+            net, report = build_finetune_model(self.cfg.model, img_size=self.img_size, num_classes=num_classes,
+                                               pretrained=pretrained, source=self.checkpoint)
         if pretrained is not None:
             log.info("loaded %s: %s", self.checkpoint, report)
         elif self.checkpoint is None:

@@ -16,6 +16,7 @@ The loop is `train/loop.py`; evaluation and the best/last export are `tasks/clas
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -33,16 +34,22 @@ from mae_vit.train.build import build_model, check_encoder_loaded
 from mae_vit.train.loop import train
 from mae_vit.train.monitor import on_main_process
 from mae_vit.train.optim import build_optimizer, param_groups
+from mae_vit.train.run_config import FromRun, encoder_config_from_run, naming_given_keys, user_set_keys
 
 log = logging.getLogger("mae_vit")
 
 
-def linprobe(cfg: DictConfig) -> dict:
-    """Run (or resume) linear probing as configured (a LinprobeConfig); returns the summary of the run."""
+def linprobe(cfg: DictConfig, *, user_keys: Collection[str] | None = None) -> dict:
+    """Run (or resume) linear probing as configured (a LinprobeConfig); returns the summary of the run.
+
+    The encoder's architecture and normalisation come from the checkpoint's run as in fine-tuning
+    (`encoder_config_from_run`; `user_keys` win, None: the keys that differ from the defaults).
+    """
     if cfg.data.batch_size < 2:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: the probe's BatchNorm needs at least 2 samples "
                           "per batch; use data.batch_size=2 or more.")
-    return train(cfg, Linprobe(cfg))
+    cfg, origin = encoder_config_from_run(cfg, user_set_keys(cfg) if user_keys is None else user_keys)
+    return train(cfg, Linprobe(cfg, origin))
 
 
 class LinearProbe(nn.Module):
@@ -113,12 +120,16 @@ class Linprobe(ClassifierTask):
 
     name = "linprobe"
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, origin: FromRun | None = None):
         super().__init__(cfg, img_size=cfg.model.img_size)
+        self.origin = origin  # what the config took from the checkpoint's run
 
     def make_model(self, num_classes: int, pretrained: dict | None) -> tuple[nn.Module, nn.Module]:
-        probe, report = build_probe(self.cfg.model, num_classes=num_classes, pretrained=pretrained,
-                                    source=self.checkpoint)
+        if self.origin is not None:
+            log.info("%s", self.origin)
+        with naming_given_keys(self.origin):
+            probe, report = build_probe(self.cfg.model, num_classes=num_classes, pretrained=pretrained,
+                                        source=self.checkpoint)
         if pretrained is not None:
             log.info("loaded %s: %s", self.checkpoint, report)
         elif self.checkpoint is None:

@@ -6,17 +6,13 @@ This is the one place where config sections are unpacked into explicit arguments
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-from collections.abc import Collection, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
-import yaml
 from accelerate import Accelerator
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
 
 from mae_vit.checkpoint import LoadReport, load_weights
 from mae_vit.config.schema import validate_config
@@ -24,6 +20,7 @@ from mae_vit.data import ensure_demo_shards, expand_urls, read_index
 from mae_vit.errors import CheckpointError, ConfigError
 from mae_vit.models import create_model
 from mae_vit.train.optim import build_optimizer, param_groups
+from mae_vit.train.run_config import find_run_config, model_config_from_run, user_set_keys  # noqa: F401 (were here)
 
 log = logging.getLogger("mae_vit")
 DEMO_IMG_SIZE = 32  # the synthetic demo images are drawn at 32 px; transforms resize them to the model's size
@@ -115,108 +112,10 @@ def build_adamw(model: torch.nn.Module, optim: DictConfig, *, layer_decay: float
 
 
 # --------------------------------------------------------------------------------------------
-# The model a checkpoint was trained as (evaluate, visualize)
+# The model a checkpoint was trained as (evaluate, visualize, exports): see run_config.py
 # --------------------------------------------------------------------------------------------
 
-RUN_CONFIG = "config.yaml"  # written into every run directory by the training tools (RunDir.save_config)
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "cls_token")  # weights without which features mean nothing
-RUN_DATA_KEYS = ("mean", "std", "crop_pct", "interpolation")  # how the run normalised and evaluated its images
-
-
-def find_run_config(checkpoint: str | os.PathLike) -> Path | None:
-    """The `config.yaml` of the run that `checkpoint` belongs to, or None (a foreign file, e.g. an official .pth).
-
-    Looked for in the path itself when it is a run directory (`runs/finetune`), beside a weights file
-    (`runs/finetune/best.safetensors`), and above a `checkpoints/` folder
-    (`runs/pretrain/checkpoints/step_0000500[/model.safetensors]`).
-    """
-    path = Path(checkpoint).expanduser()
-    folders = [path] if path.is_dir() else []
-    folders.append(path.parent)
-    for folder in list(folders):
-        if folder.parent.name == "checkpoints":  # .../checkpoints/step_N -> the run directory
-            folders.append(folder.parent.parent)
-    for folder in folders:
-        if (folder / RUN_CONFIG).is_file():
-            return folder / RUN_CONFIG
-    return None
-
-
-def user_set_keys(cfg: DictConfig, argv: Sequence[str] = ()) -> set[str]:
-    """Dotted keys the user chose: those that differ from the tool's defaults, plus `key=value` words of `argv`.
-
-    The second part catches a value set explicitly to the default (`model.img_size=32` to evaluate a
-    64 px run at 32 px); the first catches values from `--config` files. Flags (`--data DIR`) and
-    their values are not keys.
-    """
-    defaults = OmegaConf.structured(OmegaConf.get_type(cfg))
-    keys: set[str] = set()
-
-    def walk(node, default, prefix: str) -> None:
-        for name in node:
-            here, value = prefix + str(name), node[name]
-            if isinstance(value, DictConfig):
-                walk(value, default[name], here + ".")
-            elif _plain(value) != _plain(default[name]):
-                keys.add(here)
-
-    walk(cfg, defaults, "")
-    words = iter(argv)
-    for word in words:
-        if word.startswith("-"):
-            if "=" not in word:
-                next(words, None)  # the flag's value
-            continue
-        key, has_value, _ = word.partition("=")
-        if has_value and key.strip():
-            keys.add(key.strip())
-    return keys
-
-
-def _plain(value):
-    """A config value as plain Python (ListConfig -> list), for comparing."""
-    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
-
-
-def model_config_from_run(checkpoint: str | os.PathLike, cfg: DictConfig, *,
-                          user_keys: Collection[str] = ()) -> DictConfig:
-    """A copy of `cfg` whose `model` section and data.mean/std/crop_pct/interpolation come from the checkpoint's run.
-
-    Precedence: the tool's defaults < the run's `config.yaml` (see `find_run_config`) < the keys in
-    `user_keys` (what the user set; `user_set_keys`). A fine-tuning run's `resolution` becomes
-    `model.img_size`. Keys of the run file that this toolkit's model section does not know are
-    ignored. Without a run config (a foreign checkpoint) `cfg` is returned unchanged: the user
-    describes the model with model.* keys. The result is validated (e.g. in_chans against mean/std).
-    """
-    found = find_run_config(checkpoint)
-    if found is None:
-        return cfg
-    try:
-        run = yaml.safe_load(found.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read the run config {found} that belongs to the checkpoint ({e}); fix or "
-                          "remove that file, or pass the weights file from another folder.") from None
-    if not isinstance(run, dict) or not isinstance(run.get("model"), dict) or "name" not in run["model"]:
-        log.warning("%s has no model section; describing the model from the command line only", found)
-        return cfg
-    taken = dict(run["model"])
-    if run.get("resolution") is not None:  # fine-tuning at another resolution than the model's default
-        taken["img_size"] = run["resolution"]
-    data = run.get("data") if isinstance(run.get("data"), dict) else {}
-    updates = [(f"model.{k}", v) for k, v in taken.items() if k in cfg.model]
-    updates += [(f"data.{k}", data[k]) for k in RUN_DATA_KEYS if k in data and "data" in cfg]
-    out = copy.deepcopy(cfg)
-    for key, value in updates:
-        if key in user_keys:
-            continue
-        try:
-            OmegaConf.update(out, key, value, merge=False)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"the run config {found} has {key}={value!r}, which does not fit this toolkit's "
-                              f"config ({type(e).__name__}); set {key}=... on the command line.") from None
-    validate_config(out)
-    log.info("model settings from %s: %s", found, OmegaConf.to_container(out.model))
-    return out
 
 
 def classifier_options(state_dict: dict, num_classes: int | None) -> dict:
