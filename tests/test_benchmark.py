@@ -11,6 +11,7 @@ from torch.utils import flop_counter as torch_flop_counter
 
 from mae_vit.bench import benchmark as bench
 from mae_vit.bench import flops
+from mae_vit.bench.peaks import gpu_peak, peak_for
 from mae_vit.config.cli import run_tool
 from mae_vit.errors import ConfigError
 
@@ -174,7 +175,7 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     result = run_tool(tool["main"], argv)
     table = capsys.readouterr().out.splitlines()
     names = ["model", "params", "device", "precision", "batch", "img size", "mask ratio", "train step",
-             "train images/s", "FLOPs/img (train)", "achieved FLOP/s", "peak memory", "encoder fwd share"]
+             "train images/s", "FLOPs/img (train)", "achieved FLOP/s", "MFU", "peak memory", "encoder fwd share"]
     assert [line[:18].strip() for line in table] == names
     assert {line[19] for line in table} != {" "}  # values start in one column
     assert all(line[18] == " " for line in table)
@@ -193,3 +194,37 @@ def test_json_to_a_folder_is_refused(tmp_path):
         bench.write_result(r, tmp_path)
     assert list(tmp_path.iterdir()) == []
     assert "n/a" in bench.format_table(r)
+
+
+@pytest.mark.parametrize("name, gpu, bf16, tf32", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4, 494.7),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756, 378),
+    ("NVIDIA H100 NVL", "H100 NVL", 835.5, 417.5),
+    ("NVIDIA H200", "H200 SXM", 989.4, 494.7),
+    ("NVIDIA H200 NVL", "H200 NVL", 835.5, 417.5),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312, 156),
+    ("NVIDIA A100 80GB PCIe", "A100", 312, 156),
+    ("NVIDIA A10", "A10", 125, 62.5),
+    ("NVIDIA L4", "L4", 121, 60),
+    ("NVIDIA L40S", "L40S", 362.05, 183),
+])
+def test_every_gpu_variant_gets_its_own_dense_bf16_and_tf32_peak(name, gpu, bf16, tf32):
+    assert gpu_peak(name).gpu == gpu
+    assert peak_for(name, "bf16") == (pytest.approx(bf16 * 1e12), f"{gpu} bf16 dense")
+    assert peak_for(name, "fp32", tf32=True) == (pytest.approx(tf32 * 1e12), f"{gpu} tf32 dense")
+    assert peak_for(name, "fp32", tf32=False)[0] < tf32 * 1e12  # CUDA cores: slower than TF32
+
+
+def test_gpus_without_bf16_or_tf32_and_unknown_gpus_have_no_such_peak():
+    assert peak_for("Tesla V100-SXM2-16GB", "bf16") == (None, "V100 SXM2 has no bf16 tensor cores")
+    assert peak_for("Tesla V100-PCIE-32GB", "fp16")[0] == pytest.approx(112e12)
+    assert peak_for("Tesla T4", "fp32", tf32=True) == (pytest.approx(8.1e12), "T4 fp32 CUDA cores")
+    assert peak_for("NVIDIA A10G", "bf16") == (None, "no peak known for 'NVIDIA A10G'")
+    assert gpu_peak("NVIDIA GeForce RTX 4090") is None
+
+
+def test_the_table_gives_the_mfu_of_a_gpu_run_against_its_peak():
+    r = bench.BenchmarkResult("m", 1, 1, "NVIDIA H100 PCIe", "fp32", 1, 16, 0.75, False, 0, [1.0], 1.0, 1.0, 1.0, 1.0,
+                              1.0, 189e12, None, "n/a", peak_flops_per_s=378e12, peak_kind="H100 PCIe tf32 dense",
+                              mfu=0.5)
+    assert "50.0% of 378.00 TFLOP/s  [H100 PCIe tf32 dense]" in bench.format_table(r)

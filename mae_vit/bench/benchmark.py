@@ -1,13 +1,14 @@
 """Speed yardstick for the MAE pretraining train step: images/s, FLOPs per image, FLOP/s, peak memory.
 
-One train step is what pretraining does per batch, with pretraining's default switches: forward with
-random masking (under bf16 autocast when chosen), backward, a fused AdamW step over the real parameter
-groups (`param_groups(model, 0.05)`, betas 0.9 / 0.95) and `zero_grad(set_to_none=True)`. The same batch of random images is used for
-every step. After `warmup` untimed steps (which also absorb torch.compile's compilation) each of
-`steps` steps is timed on its own, with a CUDA synchronize on both sides on GPU; the median is
-reported, so that one slow step (a page fault, a busy neighbour process) does not move the number.
+One train step is what pretraining does per batch, with pretraining's default switches: forward with random
+masking (under bf16 autocast when chosen), backward, a fused AdamW step over the real parameter groups
+(`param_groups(model, 0.05)`, betas 0.9 / 0.95) and `zero_grad(set_to_none=True)`, on the same random batch
+every step. After `warmup` untimed steps (which also absorb torch.compile's compilation) each of `steps`
+steps is timed on its own, with a CUDA synchronize on both sides on GPU; the median is reported, so that
+one slow step (a page fault, a busy neighbour process) does not move the number.
 
-FLOPs are counted by `flops.py`.
+FLOPs are counted by `flops.py`; MFU divides the achieved FLOP/s by the GPU's peak for the precision run
+(`peaks.py`: bf16 dense, or TF32 / CUDA-core fp32 for fp32 rows).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from mae_vit import files
 from mae_vit.bench.flops import FLOP_NOTE, count_flops
+from mae_vit.bench.peaks import peak_for
 from mae_vit.errors import ConfigError
 from mae_vit.models import MaskedAutoencoderViT, create_model
 from mae_vit.train.optim import build_optimizer, param_groups
@@ -58,6 +60,9 @@ class BenchmarkResult:
     peak_memory_bytes: Optional[int]
     peak_memory_kind: str            # what peak_memory_bytes measures
     flop_note: str = FLOP_NOTE
+    peak_flops_per_s: Optional[float] = None  # the GPU's peak for `precision` (peaks.py); None on a CPU
+    peak_kind: str = ""                      # e.g. "H100 SXM bf16 dense", or why there is no peak
+    mfu: Optional[float] = None              # achieved_flops_per_s / peak_flops_per_s
 
 
 # ---------------------------------------------------------------------------------------------- choices
@@ -219,6 +224,7 @@ def benchmark_train_step(
 
     median = statistics.median(times)
     per_image = train_flops / batch_size
+    top, kind = peak_for(device_name(dev), precision) if dev.type == "cuda" else (None, "a CPU: no peak table")
     return BenchmarkResult(
         model=model_name,
         params=sum(p.numel() for p in model.parameters()),
@@ -239,6 +245,9 @@ def benchmark_train_step(
         achieved_flops_per_s=per_image * batch_size / median,
         peak_memory_bytes=peak,
         peak_memory_kind=peak_kind,
+        peak_flops_per_s=top,
+        peak_kind=kind,
+        mfu=top and per_image * batch_size / median / top,
     )
 
 
@@ -270,6 +279,7 @@ def format_table(r: BenchmarkResult) -> str:
         ("train images/s", f"{r.images_per_s:.2f}"),
         ("FLOPs/img (train)", _si(r.train_flops_per_image, "FLOP") + f"  [{r.flop_note}]"),
         ("achieved FLOP/s", _si(r.achieved_flops_per_s, "FLOP/s")),
+        ("MFU", (f"{r.mfu:.1%} of " + _si(r.peak_flops_per_s, "FLOP/s") if r.mfu else "n/a") + f"  [{r.peak_kind}]"),
         ("peak memory", f"{memory}  [{r.peak_memory_kind}]"),
         ("encoder fwd share", f"{share:.1%} of forward FLOPs "
                               f"({_si(r.encoder_forward_flops_per_image)} of {_si(r.forward_flops_per_image)})"),

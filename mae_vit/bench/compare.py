@@ -28,12 +28,10 @@ import torch
 
 from mae_vit.bench.benchmark import BETAS, LR, WEIGHT_DECAY, build_mae, device_name, resolve_device, synchronize
 from mae_vit.bench.flops import count_flops
+from mae_vit.bench.peaks import peak_for
 from mae_vit.errors import ConfigError
 from mae_vit.layers import attention
 from mae_vit.train.optim import param_groups
-
-# Dense (no sparsity) bf16 peak FLOP/s of data-centre GPUs, from their vendors' data sheets: for MFU.
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 @dataclasses.dataclass
@@ -140,7 +138,7 @@ def compare(model_name: str = "mae_vit_base_patch16", *, batch_size: int = 8, im
     entries = contenders(model, imgs, mask_ratio, dev, hf=hf, compile_model=compile_model, bf16=bf16)
     run_rounds(entries, dev, rounds, steps, report)
     name = device_name(dev)
-    peak = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None) if dev.type == "cuda" else None
+    peaks = {p: peak_for(name, p)[0] if dev.type == "cuda" else None for p in ("bf16", "fp32")}  # fp32: TF32 if on
     rows = []
     for c in entries:
         median = statistics.median(c.seconds)
@@ -148,11 +146,12 @@ def compare(model_name: str = "mae_vit_base_patch16", *, batch_size: int = 8, im
         achieved = flops * batch_size / median
         rows.append({"name": c.name, "precision": c.precision, "step_s_median": median,
                      "images_per_s": batch_size / median, "achieved_flops_per_s": achieved,
-                     "mfu": achieved / peak if peak and c.precision == "bf16" else None,
+                     "mfu": achieved / peaks[c.precision] if peaks[c.precision] else None,
                      "vs_hf": statistics.median(peer.seconds) / median if peer else None})
     return {"kind": "compare", "model": model_name, "device": name, "batch_size": batch_size, "img_size": img_size,
             "mask_ratio": mask_ratio, "rounds": rounds, "steps_per_round": steps, "train_flops_per_image": flops,
-            "bf16_peak_flops_per_s": peak, "torch": torch.__version__, "rows": rows}
+            "bf16_peak_flops_per_s": peaks["bf16"], "fp32_peak_flops_per_s": peaks["fp32"], "torch": torch.__version__,
+            "rows": rows}
 
 
 def markdown(result: Dict) -> str:
