@@ -16,6 +16,7 @@ to unpickle is refused with a `CheckpointError`; its payload never runs. `argpar
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pickle
@@ -39,6 +40,10 @@ PREFIXES = ("module.", "_orig_mod.")
 ONLINE_PROBE_PREFIX = "mae."  # checkpoints of pretraining with an online probe: the MAE, then the probe's head
 EXPORT_NAME = "model.safetensors"  # what a pretraining / fine-tuning run exports into its directory
 RUN_METADATA = "mae_vit.run"  # an export's metadata key: its run's model section (train/run_config.py)
+CHECKPOINTS = "checkpoints"  # a run directory's checkpoint folders: checkpoints/step_N (see train/rundir.py)
+COMPLETE = "COMPLETE"  # a checkpoint's manifest, written last: its files and their sizes
+STATE_FILE = "trainer_state.json"  # a checkpoint's TrainState (train/rundir.py)
+STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 @dataclass
@@ -65,17 +70,49 @@ def _summarise(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
 
+def is_complete(folder: Path) -> bool:
+    """A checkpoint whose `COMPLETE` manifest lists files that are all there with their sizes."""
+    return _manifest(folder) is not None
+
+
+def _manifest(folder: Path) -> dict | None:
+    """The `COMPLETE` manifest of a whole checkpoint folder (every listed file there with its size), else None."""
+    try:
+        manifest = json.loads((folder / COMPLETE).read_text())
+        whole = all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
+        return manifest if whole else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The whole checkpoints (`checkpoints/step_N`) of a run directory, oldest first.
+
+    Ordered by what they hold: the training samples seen (`trainer_state.json`), then the order they were
+    saved in (the manifest's `serial`); never by the step number, which a resume with a bigger batch restarts
+    lower. Pruning, resuming and `load_weights` of a run directory all use this order.
+    """
+    found = []
+    for folder in (run_dir / CHECKPOINTS).glob("step_*") if (run_dir / CHECKPOINTS).is_dir() else ():
+        manifest = _manifest(folder) if STEP_DIR.match(folder.name) else None
+        if manifest is not None:
+            try:
+                samples = int(json.loads((folder / STATE_FILE).read_text())["samples_seen"])
+            except (OSError, ValueError, KeyError, TypeError):
+                samples = -1  # an older checkpoint: first, where resuming it is refused with a clear message
+            found.append((samples, manifest.get("serial", -1), folder.name, folder))
+    return [folder for *_, folder in sorted(found)]
+
+
 def weights_in_run_dir(path: Path) -> Path:
-    """A run directory -> its exported weights, else the model file of its newest checkpoint."""
+    """A run directory -> its exported weights, else the model file of its newest whole checkpoint."""
     export = path / EXPORT_NAME
     if export.is_file():
         return export
-    ckpts = sorted((path / "checkpoints").glob("step_*"), key=lambda p: p.name) if (path / "checkpoints").is_dir() else []
-    for ckpt in reversed(ckpts):
-        if (ckpt / "COMPLETE").exists():
-            for name in ("model.safetensors", "pytorch_model.bin"):
-                if (ckpt / name).is_file():
-                    return ckpt / name
+    for ckpt in reversed(complete_checkpoints(path)):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (ckpt / name).is_file():
+                return ckpt / name
     candidates = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))
     if len(candidates) == 1:
         return candidates[0]
@@ -103,7 +140,8 @@ def read_file(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as e:
         unsafe = re.findall(r"GLOBAL ([\w.]+)", str(e))
         if not unsafe:
-            raise CheckpointError(f"{path} is not a readable checkpoint (it is not a PyTorch or pickle file).") from None
+            raise CheckpointError(f"{path} is not a readable checkpoint (it is not a PyTorch or pickle file).") \
+                from None
         raise CheckpointError(
             f"refused to load {path}: unpickling it would call {unsafe[0]}, which is not part of plain tensors and "
             "containers. Such a file can run arbitrary code, so it is never executed here. If you trust "
@@ -156,7 +194,8 @@ def load_weights(model: nn.Module, source, *, strict: bool = False, verbose: boo
         if key == "pos_embed" and hasattr(model, "grid_size"):
             sd[key] = resize_pos_embed(sd[key], model.grid_size)
             if sd[key].shape != own[key].shape:
-                raise CheckpointError(f"pos_embed of shape {tuple(sd[key].shape)} cannot be resized to {tuple(own[key].shape)}.")
+                raise CheckpointError(f"pos_embed of shape {tuple(sd[key].shape)} cannot be resized to "
+                                      f"{tuple(own[key].shape)}.")
             report.resized.append(key)
         elif key == "decoder_pos_embed" or key.startswith("head."):
             report.skipped.append(key)
@@ -174,8 +213,8 @@ def load_weights(model: nn.Module, source, *, strict: bool = False, verbose: boo
         raise CheckpointError(f"checkpoint does not match the model exactly: {report}.")
     if verbose:
         if any(k.startswith("decoder") for k in report.missing):
-            log.warning("the checkpoint has no decoder weights (an encoder-only file such as mae_pretrain_vit_base.pth?): "
-                        "the decoder keeps its fresh initialisation")
+            log.warning("the checkpoint has no decoder weights (an encoder-only file such as "
+                        "mae_pretrain_vit_base.pth?): the decoder keeps its fresh initialisation")
         log.info("loaded weights: %s", report)
     return report
 

@@ -163,6 +163,7 @@ def test_overwrite_deletes_the_probe_outputs_and_a_refusal_keeps_them(shards, tm
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("old")
     run = RunDir(out, outputs=(BEST_NAME, METRICS_NAME, FEATURES_NAME))
+    run.record_names()  # as the run that wrote them did
     with pytest.raises(ConfigError, match="overwrite=true"):
         run.prepare(cfg_for(out, shards, "train.resume=false"), is_main=True)
     assert all((out / name).exists() for name in names)

@@ -103,19 +103,41 @@ def test_a_folder_with_results_but_no_checkpoint_is_not_started_over(tmp_path):
     assert (tmp_path / "model.safetensors").read_bytes() == b"someone's model"
 
 
-def test_overwrite_deletes_only_what_this_project_wrote(tmp_path):
-    run = RunDir(tmp_path, outputs=("metrics.json",))
+def test_overwrite_deletes_only_what_this_run_recorded_never_by_name_nor_through_symlinks(tmp_path):
+    elsewhere = tmp_path / "someone_else"
+    (elsewhere / "logs").mkdir(parents=True)
+    (elsewhere / "logs" / "events.out.tfevents.9.host").write_text("their events")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "logs").symlink_to(elsewhere)  # a shared logs folder
+    run = RunDir(out, outputs=("metrics.json",))
+    assert run.prepare(cfg(out), is_main=True) is None  # a fresh start: the run's own names are recorded
     save(run, 4)
-    mine = {"logs/other_experiment.txt": "notes", "checkpoints/mine.ckpt": "weights", "notes.md": "keep"}
-    ours = ["model.safetensors", "metrics.json", "config.yaml", "logs/logs/events.out.tfevents.1.host",
-            "reconstructions/step_0000004.png"]
+    ours = ["model.safetensors", "metrics.json", "config.yaml"]
+    mine = {"checkpoints/step_mine/notes.txt": "mine", "reconstructions/step_notes.png": "a picture",
+            "notes.md": "keep", "logs/logs/events.out.tfevents.1.host": "their run's events, through the link"}
     for name, text in [*mine.items(), *((n, "x") for n in ours)]:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert run.prepare(cfg(tmp_path, "train.resume=false", "train.overwrite=true"), is_main=True) is None
-    assert all((tmp_path / name).read_text() == text for name, text in mine.items())
-    assert not any((tmp_path / name).exists() for name in ours)
-    assert run.latest() is None
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    run.files.update(add=[out / "logs" / "logs" / "events.out.tfevents.1.host"])  # recorded, behind a symlink
+    assert run.prepare(cfg(out, "train.resume=false", "train.overwrite=true"), is_main=True) is None
+    assert {name: (out / name).read_text() for name in mine} == mine
+    assert (elsewhere / "logs" / "events.out.tfevents.9.host").read_text() == "their events"
+    assert [name for name in ours if (out / name).exists()] == []
+    assert run.latest() is None and not (run.checkpoints / "step_0000004").exists()
+
+
+def test_overwrite_of_results_this_run_did_not_record_is_refused_and_deletes_nothing(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"someone's model")
+    run = RunDir(tmp_path)
+    with pytest.raises(ConfigError, match="did not write"):
+        run.prepare(cfg(tmp_path, "train.resume=false", "train.overwrite=true"), is_main=True)
+    assert (tmp_path / "model.safetensors").read_bytes() == b"someone's model"
+
+
+def test_an_empty_output_dir_is_refused_rather_than_writing_into_the_current_folder():
+    with pytest.raises(ConfigError, match="train.output_dir is empty"):
+        RunDir("")
 
 
 def test_written_files_follow_the_umask_so_a_teammate_can_read_a_shared_run(tmp_path):
@@ -136,3 +158,41 @@ def test_written_files_follow_the_umask_so_a_teammate_can_read_a_shared_run(tmp_
     written = [tmp_path / "m.json", tmp_path / "config.yaml", tmp_path / "model.safetensors",
                tmp_path / "run" / "checkpoints" / "step_0000002" / COMPLETE]
     assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(0o644)] * 4  # mkstemp made them 0600
+
+
+def save_at(run, step, samples, keep_last=2):
+    return save_checkpoint(FakeAccelerator(), run, TrainState(step=step, samples_seen=samples), keep_last)
+
+
+def test_a_resume_with_a_bigger_batch_keeps_the_new_checkpoints(tmp_path):
+    from mae_vit.checkpoint import weights_in_run_dir
+
+    run = RunDir(tmp_path)
+    for step in (4, 8, 12):  # batch 16: 192 samples after step 12
+        save_at(run, step, 16 * step)
+    save_at(run, 4, 256)  # resumed with batch 64: step 3 was sample 192, step 4 is sample 256
+    assert [p.name for p in run.complete_checkpoints()] == ["step_0000012", "step_0000004"]
+    assert read_state(run.latest()).samples_seen == 256
+    save_at(run, 6, 384)
+    assert [read_state(p).samples_seen for p in run.complete_checkpoints()] == [256, 384]
+    assert weights_in_run_dir(tmp_path) == run.checkpoints / "step_0000006" / "model.safetensors"
+
+
+def test_a_newer_checkpoint_at_a_step_the_old_run_used_replaces_it_and_stays_newest(tmp_path):
+    run = RunDir(tmp_path)
+    for step in (4, 8):  # batch 16
+        save_at(run, step, 16 * step)
+    save_at(run, 3, 192)  # batch 64 (a resume after step 12, sample 192, with only 8 kept): step_3
+    save_at(run, 8, 512)  # batch 64: step 8 again, now after 512 samples
+    assert [(p.name, read_state(p).samples_seen) for p in run.complete_checkpoints()] == [
+        ("step_0000003", 192), ("step_0000008", 512)]
+
+
+def test_a_run_directory_given_as_checkpoint_falls_back_to_the_newest_whole_checkpoint(tmp_path):
+    from mae_vit.checkpoint import weights_in_run_dir
+
+    run = RunDir(tmp_path)
+    for step in (4, 8):
+        save(run, step)
+    (run.checkpoints / "step_0000008" / "model.safetensors").write_bytes(b"w" * 10)  # truncated
+    assert weights_in_run_dir(tmp_path) == run.checkpoints / "step_0000004" / "model.safetensors"

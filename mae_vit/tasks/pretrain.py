@@ -210,7 +210,9 @@ def _visualise(accelerator, model, imgs, cfg: DictConfig, run: RunDir, step: int
                                    mean=list(cfg.data.mean), std=list(cfg.data.std), noise=noise.to(accelerator.device))
     model.train(was_training)
     grid = grid.float().cpu()
-    save_png(grid, run.path / "reconstructions" / f"step_{step:07d}.png")
+    picture = run.path / "reconstructions" / f"step_{step:07d}.png"
+    run.files.update(add=[picture])  # the run's own: an overwrite deletes it
+    save_png(grid, picture)
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)
     if hasattr(tracker, "add_image"):
         tracker.add_image("reconstruction", grid, step)

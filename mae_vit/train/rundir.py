@@ -6,6 +6,7 @@ Layout (`train.output_dir`):
                                 + `trainer_state.json` (a `TrainState`) + `COMPLETE`
     logs/                       TensorBoard event files
     model.safetensors           the exported weights (official key names), written at the end
+    run_files.json              what the run wrote here, recorded as it writes (`run_files.py`)
 
 What survives a kill at any moment:
 - a checkpoint is written to `checkpoints/.tmp-step_N`, its files fsynced, then `COMPLETE` lists every
@@ -16,7 +17,10 @@ What survives a kill at any moment:
   is complete when a run starts is kept (a finished `.tmp-` is promoted the same way).
 - pruning removes a folder's `COMPLETE` first; a start deletes such left-overs.
 - a fresh start never runs over a folder that holds results without a checkpoint (exported weights,
-  metrics), and `train.overwrite=true` deletes only the files this project writes there.
+  metrics), and `train.overwrite=true` deletes only what the earlier run recorded in `run_files.json`
+  (never by a name pattern, never through a symlink); results missing from that record are refused.
+- checkpoints are ordered by the samples they have seen (then a save counter), never by step number:
+  a resume with a bigger batch restarts the step count lower, and its checkpoints are still the newest.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -32,19 +35,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mae_vit.checkpoint import COMPLETE, STATE_FILE, STEP_DIR, complete_checkpoints, is_complete
 from mae_vit.config.cli import save_config
 from mae_vit.config.schema import flat_dict
 from mae_vit.errors import CheckpointError, ConfigError
 from mae_vit.files import fsync_dir, write_json
 from mae_vit.train.monitor import on_main_process
+from mae_vit.train.run_files import RECORD_NAME, RunFiles, check_output_dir
 
 log = logging.getLogger("mae_vit")
 
-COMPLETE = "COMPLETE"
-STATE_FILE = "trainer_state.json"
 # What tools/sweep.py writes into a pretraining run (its own, so an overwrite of the run removes them too).
 SWEEP_FILES = ("sweep.json", "sweep.png", "best_encoder.safetensors")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 # Keys whose change alters the shapes of the weights: a checkpoint of the old value cannot be resumed.
 SHAPE_KEYS = ("model.name", "model.img_size", "model.patch_size", "model.embed_dim", "model.depth",
@@ -91,22 +93,16 @@ class RunDir:
     `metrics.json`, ...); an explicit overwrite deletes them with the rest."""
 
     def __init__(self, path: str | os.PathLike, outputs: tuple[str, ...] = ()):
-        self.path = Path(path).expanduser()
+        self.path = check_output_dir(path)
         self.outputs = tuple(outputs)
+        self.files = RunFiles(self.path)  # what this run wrote here: all that train.overwrite=true deletes
         self.checkpoints = self.path / "checkpoints"
         self.logs = self.path / "logs"
         self.config_file = self.path / "config.yaml"
 
     def complete_checkpoints(self) -> list[Path]:
-        """Complete checkpoint folders, oldest first."""
-        if not self.checkpoints.is_dir():
-            return []
-        found = []
-        for p in self.checkpoints.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and is_complete(p):
-                found.append((int(m.group(1)), p))
-        return [p for _, p in sorted(found)]
+        """Complete checkpoint folders, oldest first: by the samples they hold, never by step number."""
+        return complete_checkpoints(self.path)
 
     def latest(self) -> Path | None:
         ckpts = self.complete_checkpoints()
@@ -140,8 +136,10 @@ class RunDir:
                 f"and {why}. Nothing was changed. Choose another --output-dir, re-run without train.resume=false "
                 "to continue a run, or add train.resume=false train.overwrite=true to delete that run's files and "
                 "start over.")
-        if found and is_main:
-            self.delete_run_files()
+        if found:
+            self.delete_run_files(found, is_main=is_main)
+        if is_main:
+            self.record_names()
         return None
 
     def recover(self) -> None:
@@ -158,21 +156,29 @@ class RunDir:
                     log.info("kept %s as %s (a save or re-save of that step was interrupted)", p.name, final.name)
                 else:
                     shutil.rmtree(p, ignore_errors=True)
-            elif kind == "" and _STEP_DIR.match(p.name) and p.is_dir() and not (p / COMPLETE).exists():
+            elif kind == "" and STEP_DIR.match(p.name) and p.is_dir() and not (p / COMPLETE).exists():
                 shutil.rmtree(p, ignore_errors=True)  # a prune that was interrupted
-            elif _STEP_DIR.match(p.name) and not is_complete(p):
+            elif STEP_DIR.match(p.name) and not is_complete(p):
                 log.warning("checkpoint %s is damaged (files missing or truncated); it is ignored", p)
 
-    def delete_run_files(self) -> None:
-        """`train.overwrite=true`: delete the checkpoints, event files, pictures and outputs this project wrote."""
-        for p in [*self.checkpoints.glob("step_*"), *self.checkpoints.glob(".tmp-step_*"),
-                  *self.checkpoints.glob(".old-step_*")]:
-            shutil.rmtree(p, ignore_errors=True)
-        for p in [*self.logs.rglob("events.out.tfevents.*"), *(self.path / "reconstructions").glob("step_*.png")]:
-            p.unlink(missing_ok=True)
-        for name in ("model.safetensors", "config.yaml", "lineage.json", *self.outputs):
-            (self.path / name).unlink(missing_ok=True)
-        log.info("train.overwrite=true: deleted the earlier run's files in %s", self.path)
+    def delete_run_files(self, found: list[Path], *, is_main: bool) -> None:
+        """`train.overwrite=true`: delete what the earlier run recorded as its own (`run_files.py`), nothing else;
+        ConfigError (nothing deleted) when some of its results `found` are not in that record."""
+        strays = [p for p in found if not self.files.owns(p)]
+        if strays:
+            raise ConfigError(
+                f"train.overwrite=true deletes only the files a run recorded as its own ({RECORD_NAME}), and "
+                f"{', '.join(str(p) for p in strays[:3])} in {self.path} is not recorded there: this project did not "
+                "write it, or wrote it before it kept that record. Nothing was deleted. Move or delete it yourself, "
+                "or choose another --output-dir.")
+        if is_main:
+            self.files.delete()
+            log.info("train.overwrite=true: deleted the earlier run's files in %s", self.path)
+
+    def record_names(self) -> None:
+        """Record the names a run writes at its top level (before it writes them) as its own."""
+        self.files.update(add=[self.config_file, self.path / "lineage.json", self.path / "model.safetensors",
+                               *(self.path / name for name in self.outputs)])
 
     def check_resumable(self, cfg: DictConfig) -> None:
         """Refuse a resume whose config changes the weights' shapes; log every other change."""
@@ -193,9 +199,11 @@ class RunDir:
                 "values for these keys, another --output-dir, or train.resume=false train.overwrite=true to start "
                 "over there.")
         if changed:
-            log.info("changed since the checkpoint: %s", ", ".join(f"{k} {_text(a)} -> {_text(b)}" for k, a, b in changed))
+            log.info("changed since the checkpoint: %s",
+                     ", ".join(f"{k} {_text(a)} -> {_text(b)}" for k, a, b in changed))
 
     def save_config(self, cfg: DictConfig) -> None:
+        self.record_names()
         save_config(cfg, self.config_file)
 
 
@@ -212,7 +220,10 @@ def _complete(run: RunDir, tmp: Path, final: Path, state: TrainState, keep_last:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
             files[str(p.relative_to(tmp))] = p.stat().st_size
-    write_json(tmp / COMPLETE, {"step": state.step, "saved": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files})
+    serial = 1 + max((json.loads((p / COMPLETE).read_text()).get("serial", 0) for p in run.complete_checkpoints()),
+                     default=0)  # the save counter: orders checkpoints of equal samples seen
+    write_json(tmp / COMPLETE, {"step": state.step, "samples_seen": state.samples_seen, "serial": serial,
+                                "saved": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files})
     old = run.checkpoints / f".old-step_{state.step:07d}"
     if final.exists():  # the same step saved again: the old copy stays whole until the new one is in place
         os.replace(final, old)
@@ -222,15 +233,7 @@ def _complete(run: RunDir, tmp: Path, final: Path, state: TrainState, keep_last:
     for stale in run.complete_checkpoints()[:-keep_last]:
         (stale / COMPLETE).unlink()  # first: a prune cut short leaves an incomplete folder, never a "complete" one
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def is_complete(folder: Path) -> bool:
-    """A checkpoint whose `COMPLETE` manifest lists files that are all there with their sizes."""
-    try:
-        manifest = json.loads((folder / COMPLETE).read_text())
-        return all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        run.files.update(drop=[stale])
 
 
 def save_checkpoint(accelerator, run: RunDir, state: TrainState, keep_last: int) -> Path:
@@ -240,9 +243,21 @@ def save_checkpoint(accelerator, run: RunDir, state: TrainState, keep_last: int)
     """
     final = run.checkpoints / f"step_{state.step:07d}"
     tmp = run.checkpoints / f".tmp-step_{state.step:07d}"
-    on_main_process(accelerator, lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+    on_main_process(accelerator, lambda: (run.files.update(add=[final, *_event_files(accelerator)]),
+                                          shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     on_main_process(accelerator, lambda: _complete(run, tmp, final, state, keep_last))
     accelerator.wait_for_everyone()
     return final
+
+
+def _event_files(accelerator) -> list[Path]:
+    """The TensorBoard event file each tracker of this start writes (recorded as the run's own)."""
+    found = []
+    for tracker in getattr(accelerator, "trackers", ()):
+        writer = getattr(getattr(tracker, "writer", None), "file_writer", None)
+        name = getattr(getattr(writer, "event_writer", None), "_file_name", None)  # tensorboard's EventFileWriter
+        if name:
+            found.append(Path(name).absolute())
+    return found

@@ -1,0 +1,75 @@
+"""The training tools and their run directory, as a user runs them: overwrite, bad output folders, bigger batches."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mae_vit.data.synthetic import synthetic_samples
+from mae_vit.data.writer import shard_urls, write_shards
+from mae_vit.train.rundir import RunDir, read_state
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.img_size=16", "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.decoder_embed_dim=32",
+        "model.decoder_depth=1", "model.decoder_num_heads=2", "data.batch_size=16", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    index = write_shards(synthetic_samples(128, img_size=16, num_classes=4), folder, samples_per_shard=32,
+                         progress=False)
+    return shard_urls(folder, "shard", len(index["shards"]))
+
+
+def pretrain(out, data, *extra, cwd=None):
+    argv = [sys.executable, str(ROOT / "tools" / "pretrain.py"), "--data", data, *TINY, *extra]
+    if out is not None:
+        argv[2:2] = ["--output-dir", str(out)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_overwrite_of_a_real_run_deletes_its_own_files_and_no_one_elses(tmp_path, shards):
+    out = tmp_path / "run"
+    first = pretrain(out, shards, "train.max_steps=4", "train.vis_every=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    old_events = sorted(p.name for p in (out / "logs").rglob("events.out.tfevents.*"))
+    assert len(old_events) == 1 and (out / "reconstructions" / "step_0000002.png").exists()
+    others = {"checkpoints/step_mine/notes.txt": "mine", "logs/other_project/run1/events.out.tfevents.1.host": "theirs",
+              "reconstructions/step_notes.png": "a picture", "notes.md": "keep"}
+    for name, text in others.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    again = pretrain(out, shards, "train.max_steps=2", "train.resume=false", "train.overwrite=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {name: (out / name).read_text() for name in others} == others
+    assert not (out / "reconstructions" / "step_0000004.png").exists()
+    assert not any((out / "logs").rglob(old_events[0]))
+    assert [p.name for p in RunDir(out).complete_checkpoints()] == ["step_0000002"]
+    assert "checkpoints/step_0000002" in json.loads((out / "run_files.json").read_text())["files"]
+
+
+def test_an_output_dir_that_is_empty_a_file_or_inside_a_file_exits_2_and_writes_nothing(tmp_path, shards):
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "cwd").mkdir()
+    cases = [(None, ["train.output_dir="], "train.output_dir is empty"),
+             (tmp_path / "a_file", [], "is a file, not a folder"),
+             (tmp_path / "a_file" / "run", [], "is a file, not a folder")]
+    for out, extra, words in cases:
+        result = pretrain(out, shards, "train.max_steps=1", *extra, cwd=tmp_path / "cwd")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert words in " ".join(result.stderr.split())
+    assert list((tmp_path / "cwd").iterdir()) == [] and (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_a_resumed_run_with_a_bigger_batch_keeps_its_new_checkpoints_and_resumes_from_them(tmp_path, shards):
+    out = tmp_path / "run"
+    common = ["optim.epochs=4", "train.save_every=4", "train.keep_last=2", "train.trackers=[]"]
+    assert pretrain(out, shards, *common, "train.max_steps=8").returncode == 0  # batch 16: 128 samples
+    result = pretrain(out, shards, *common, "data.batch_size=64", "train.max_steps=3")  # step 3 at batch 64
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [read_state(p).samples_seen for p in RunDir(out).complete_checkpoints()] == [128, 192]
+    result = pretrain(out, shards, *common, "data.batch_size=64", "train.max_steps=4")
+    assert "step_0000003 (step 3, epoch 1, 192 samples seen)" in result.stderr
