@@ -164,15 +164,18 @@ def _text(value) -> str:
 @contextmanager
 def naming_given_keys(origin: FromRun | None) -> Iterator[None]:
     """Around loading weights: a CheckpointError (weights that do not fit the model) becomes a ConfigError that
-    names the keys the user gave against the run's values, when there are such keys."""
+    names the model keys the user gave against the run's values (but img_size: position embeddings are resized),
+    when there are such keys."""
     try:
         yield
     except CheckpointError as e:
-        if origin is None or not origin.given:
+        given = {k: v for k, v in (origin.given if origin else {}).items()
+                 if k.startswith("model.") and k != "model.img_size"}
+        if not given:
             raise
-        keys = ", ".join(f"{k}={_text(mine)} (its run has {_text(run)})" for k, (run, mine) in origin.given.items())
+        keys = ", ".join(f"{k}={_text(mine)} (its run has {_text(run)})" for k, (run, mine) in given.items())
         raise ConfigError(f"the given {keys} contradicts the weights of {origin.checkpoint}: {e} Leave out "
-                          f"{', '.join(origin.given)} to take the run's value ({origin.source}).") from None
+                          f"{', '.join(given)} to take the run's value ({origin.source}).") from None
 
 
 def merge_run_config(checkpoint: str | os.PathLike, cfg: DictConfig, *, user_keys: Collection[str] = (),
