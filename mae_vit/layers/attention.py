@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 EXPLICIT_ON_CPU_BF16 = True
@@ -33,8 +34,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
-        B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = rearrange(self.qkv(x), "b t (qkv heads d) -> qkv b heads t d", qkv=3, heads=self.num_heads)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
         attn = None
         if self.fused and not return_attention and not _cpu_bf16(x):
@@ -42,10 +42,11 @@ class Attention(nn.Module):
         else:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, T, T)
             x = attn @ v
-        x = self.proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        x = self.proj(rearrange(x, "b heads t d -> b t (heads d)"))  # (B, T, D)
         return (x, attn) if return_attention else x
 
 
 def _cpu_bf16(x: torch.Tensor) -> bool:
     """True on a CPU under bf16 autocast, where the explicit path is faster (see the module doc)."""
-    return EXPLICIT_ON_CPU_BF16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return (EXPLICIT_ON_CPU_BF16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)

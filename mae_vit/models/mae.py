@@ -15,6 +15,7 @@ by its own mean and unbiased variance, eps 1e-6).
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from mae_vit.layers import LN_EPS, Block, sincos_2d
@@ -51,26 +52,20 @@ class MaskedAutoencoderViT(VisionTransformer):
         self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_embed_dim, self.grid_size)[None])
         nn.init.normal_(self.mask_token, std=0.02)
 
-    # ---- pixels <-> patches (official order: patch row, patch column; inside: pixel row, column, channel)
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token", "decoder_pos_embed"}
 
+    # ---- pixels <-> patches (official order `nchpwq -> nhwpqc`: patch row, patch column; inside: pixel row,
+    # pixel column, channel). h, w: the patch grid; p, q: a patch's pixel rows and columns (both patch_size).
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, L, P*P*C)."""
         p, (h, w) = self.patch_size, self.grid_size
-        B, C = imgs.shape[:2]
-        x = imgs.reshape(B, C, h, p, w, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(B, h * w, p * p * C)
+        return rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", h=h, w=w, p=p, q=p)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, P*P*C) -> (B, C, H, W)."""
         p, (h, w) = self.patch_size, self.grid_size
-        B = x.shape[0]
-        C = x.shape[-1] // (p * p)
-        x = x.reshape(B, h, w, p, p, C)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(B, C, h * p, w * p)
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, w=w, p=p, q=p)
 
     # ---- masking
     @staticmethod
