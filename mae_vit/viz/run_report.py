@@ -7,6 +7,7 @@ section per run and a PNG of its curves beside it. Nothing is recomputed.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -20,7 +21,8 @@ CURVES = ("train/loss", "train/lr", "train/images_per_s", "val/top1", "val/knn_t
 
 
 def lineage_chain(run: Path, depth: int = 10) -> list[str]:
-    """`run` and its ancestors as lines: each with the parent checkpoint it started from and that file's sha256."""
+    """`run` and its ancestors as lines: each with the parent checkpoint it started from and that file's sha256,
+    and a note when the file now has another sha256 (or is gone)."""
     lines = []
     for _ in range(depth):
         record = read_json(run / "lineage.json")
@@ -31,11 +33,25 @@ def lineage_chain(run: Path, depth: int = 10) -> list[str]:
         if parent is None:
             lines.append(f"`{run}` ({record['task']}, from scratch)")
             break
-        lines.append(f"`{run}` ({record['task']}) <- `{parent['path']}` (sha256 `{parent['sha256']}`)")
+        lines.append(f"`{run}` ({record['task']}) <- `{parent['path']}` (sha256 `{parent['sha256']}`"
+                     f"{_parent_now(parent)})")
         if not parent.get("run"):
             break
         run = Path(parent["run"])
     return lines
+
+
+def _parent_now(parent: dict) -> str:
+    """'' when the parent file still has the recorded sha256; else a note saying how it differs now."""
+    path = Path(parent["path"])
+    if not path.is_file():
+        return "; the file is no longer there"
+    with open(path, "rb") as f:
+        now = hashlib.file_digest(f, "sha256").hexdigest()
+    if now == parent["sha256"]:
+        return ""
+    return (f"; changed since: the file's sha256 is now `{now}` (its run went on, or it was replaced, after this "
+            "run started from it)")
 
 
 def plot_run(run: Path) -> Figure | None:
@@ -53,6 +69,16 @@ def plot_run(run: Path) -> Figure | None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _resumes(resumes: list[dict]) -> list[str]:
+    """A line saying how often the run resumed and what its last resume changed (lineage's `resumes`)."""
+    if not resumes:
+        return []
+    last = resumes[-1]
+    changed = ", ".join(f"`{k}` {a} -> {b}" for k, (a, b) in (last.get("changed") or {}).items()) or "nothing"
+    times = f"{len(resumes)} time{'s' if len(resumes) > 1 else ''}"
+    return ["", f"Resumed {times}; the last resume (from step {last.get('step')}, {last.get('at')}) changed {changed}."]
 
 
 def _metrics_rows(metrics: dict) -> list[str]:
@@ -81,6 +107,7 @@ def write_run_report(runs: list[Path], out: Path) -> Path:
         changes = record.get("changes") or {}
         if changes:
             lines += ["", "Changed from the tool's defaults: " + ", ".join(f"`{k}={v}`" for k, v in changes.items())]
+        lines += _resumes(record.get("resumes") or [])
         rows = _metrics_rows(metrics)
         if rows:
             lines += ["", "| result | value |", "| --- | --- |", *rows]
