@@ -191,7 +191,8 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
                             YAML for the rest: optim.betas=[0.9,0.95], model.num_classes=null
       --flag VALUE          a shorthand from schema_cls.FLAGS, e.g. --output-dir DIR; also --flag=VALUE
       --allow-shell         accept `pipe:` data URLs (they run a shell command)
-      --allow-env           accept ${oc.env:VAR} values (they copy an environment variable into the config)
+      --allow-env           accept ${oc.env:VAR} (and other resolvers but oc.select) and $VARs in paths from
+                            config files (they copy an environment variable into the config)
       -h / --help           print every flag and key with default and meaning, then exit 0
     Precedence: defaults < YAML files < command-line keys and flags (which apply left to right).
     Nothing from a config file alone runs a command or reads the environment: the two --allow flags
@@ -280,7 +281,8 @@ def format_help(schema_cls: type, prog: str = "tool") -> str:
         f"  {'-h, --help':<24}show this help and exit",
         f"  {'--config FILE':<24}YAML file with any of the keys below, nested by section",
         f"  {'--allow-shell':<24}accept pipe: data URLs (they run a shell command; never from a file alone)",
-        f"  {'--allow-env':<24}accept ${{oc.env:VAR}} values (they copy an environment variable into the config)",
+        f"  {'--allow-env':<24}accept ${{oc.env:VAR}}, other resolvers, $VARs in paths from files (they read the "
+        "environment)",
     ]
     lines += [f"  {flag + ' ' + metavar:<24}same as {key}=..." for flag, (key, metavar) in flags.items()]
     lines += ["", "keys (default, then meaning):"]
