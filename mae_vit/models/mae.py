@@ -105,8 +105,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, Dd), shuffled order
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, Dd))  # unshuffle
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1 + L, Dd)
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = self.run_blocks(x, self.decoder_blocks)  # checkpointed too with grad_checkpointing
         x = self.decoder_pred(self.decoder_norm(x))  # (B, 1 + L, P*P*C)
         return x[:, 1:]  # drop the class token
 

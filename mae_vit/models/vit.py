@@ -106,9 +106,10 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """The Transformer blocks, with activation checkpointing when enabled and training."""
-        for blk in self.blocks:
+    def run_blocks(self, x: torch.Tensor, blocks: nn.ModuleList | None = None) -> torch.Tensor:
+        """The Transformer `blocks` (the encoder's by default), with activation checkpointing when enabled and
+        training."""
+        for blk in self.blocks if blocks is None else blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
