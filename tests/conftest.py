@@ -13,6 +13,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _gpu_only(request):
+    """Tests marked `gpu` skip on a machine without CUDA."""
+    if request.node.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for the rendezvous of 2-process test runs)."""
     with socket.socket() as s:

@@ -261,10 +261,11 @@ def test_two_processes_count_every_val_sample_once(tmp_path, cache):
     args = ["--checkpoint", str(run_dir), *data_args(cache)[:-1], "data.batch_size=5", "fewshot.shots=[1,2]",
             "fewshot.draws=2"]
     single = run([*args, "--output-dir", tmp_path / "one"])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    # --multi_gpu on a machine without GPUs starts the processes with torch's launcher; they join as gloo CPU ranks
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # --multi_gpu with no GPU visible starts the processes with torch's launcher; they join as gloo CPU ranks
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()),
            str(TOOL), *args, "--output-dir", str(tmp_path / "two")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""The one training loop: counted in steps, resumed at the same sample whatever the layout, resumable by what matters."""
+"""The one training loop: counted in steps, resumed at the same sample whatever the layout, resumable by what
+matters."""
 
 import os
 import subprocess
@@ -23,8 +24,8 @@ from mae_vit.train.schedule import lr_at
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.num_workers=0",
          "train.log_every=1"]
-MAE = [*MODEL, "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2", "train.vis_every=1000",
-       "knn.vs_random=false"]
+MAE = [*MODEL, "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
+       "train.vis_every=1000", "knn.vs_random=false"]
 RAN_OUT = "ran out before the planned end of the epoch"
 
 
@@ -113,7 +114,7 @@ def test_resume_allows_changes_that_keep_the_weights_shapes_and_refuses_others(s
 
 
 def launch(argv, processes, timeout=300):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks
     tool = str(ROOT / "tools" / "pretrain.py")
     if processes == 1:
         cmd = [sys.executable, tool, *argv]
@@ -163,12 +164,13 @@ run_tool(lambda argv: pretrain(parse_config(PretrainConfig, argv)), sys.argv[1:]
 def test_a_failure_on_the_main_process_ends_every_process_at_once(shards, tmp_path):
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(script), "--output-dir", str(tmp_path / "run"), "--data", shards[0], *MAE, "data.batch_size=8",
            "train.save_every=2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)  # not the 30-min collective timeout
+    # a timeout well below the 30-min collective timeout
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode != 0
     assert "No space left on device" in result.stderr and "the main process failed" in result.stderr
 

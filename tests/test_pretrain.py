@@ -20,7 +20,8 @@ from mae_vit.train.rundir import RunDir, read_state
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = str(ROOT / "tools" / "pretrain.py")
 # a very small MAE: 48 wide, 2 deep, 16 px, patches of 4 (16 tokens, 4 visible), 1-block decoder
-TINY = ["model.img_size=16", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
+TINY = ["model.img_size=16", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.decoder_embed_dim=32",
+        "model.decoder_depth=1", "model.decoder_num_heads=2",
         "data.batch_size=16", "data.num_workers=0", "optim.warmup_epochs=0", "train.log_every=2",
         "train.vis_every=1000"]
 
@@ -185,11 +186,12 @@ def test_resume_false_refuses_existing_run_unless_overwrite(tmp_path, shards):
 
 def test_two_process_cpu_run(tmp_path, shards):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # accelerate's --cpu launcher starts several processes only through mpirun; without MPI, --multi_gpu on a
     # machine without GPUs starts them with torch's launcher and they join as CPU (gloo) processes
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()),
            TOOL, *args(out, shards[0], "optim.epochs=2", "data.batch_size=8", "train.save_every=4")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

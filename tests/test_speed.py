@@ -78,6 +78,7 @@ def test_explicit_attention_under_cpu_bf16_gives_the_loss_of_sdpa_and_of_fp32():
 def test_mixed_precision_auto_is_bf16_only_on_a_cpu_with_amx(tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(True)  # the Accelerator keeps one state per process
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU host: its CPU side (tests/test_device.py)
     try:
         expected = "bf16" if fast_bf16(torch.device("cpu")) else "no"
         assert make_accelerator(str(tmp_path), "auto").mixed_precision == expected
