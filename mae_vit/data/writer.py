@@ -28,7 +28,7 @@ import io
 import logging
 import os
 import re
-import tarfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mae_vit.data.shard_file import RECORD, PartialShard, archived_size, finished_size, tar_info
 from mae_vit.data.sources import open_source
 from mae_vit.data.stats import ImageStats
 from mae_vit.data.transforms import to_8bit
@@ -44,8 +45,6 @@ from mae_vit.files import write_json, write_text
 
 log = logging.getLogger(__name__)
 
-_BLOCK = tarfile.BLOCKSIZE  # 512
-_RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the finished archive to a multiple of this
 _KEY_RE = re.compile(r"^[^./\s][^.\s]*$")
 
 
@@ -92,47 +91,6 @@ def _check_label(key: str, label, num_classes: int | None) -> int | None:
     return int(label)
 
 
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    """A reproducible member header: fixed time, owner and permissions."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def _archived_size(info: tarfile.TarInfo) -> int:
-    """Bytes a member takes inside the tar: header block(s) (PAX headers for long names) + padded data."""
-    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    return len(header) + -(-info.size // _BLOCK) * _BLOCK
-
-
-def _finished_size(content_bytes: int) -> int:
-    """File size after `close()`: content + two zero end blocks, padded to a whole record."""
-    return -(-(content_bytes + 2 * _BLOCK) // _RECORD) * _RECORD
-
-
-class _PartialShard:
-    """One shard being written under a hidden temporary name."""
-
-    def __init__(self, output_dir: Path, final_name: str):
-        self.final_path = output_dir / final_name
-        self.temp_path = output_dir / f".{final_name}.partial-{os.getpid()}"
-        self.tar = tarfile.open(self.temp_path, mode="w", format=tarfile.PAX_FORMAT)
-        self.content_bytes = 0
-        self.num_samples = 0
-
-    def add(self, members: list[tuple[tarfile.TarInfo, bytes]], size: int) -> None:
-        for info, data in members:
-            self.tar.addfile(info, io.BytesIO(data))
-        self.content_bytes += size
-        self.num_samples += 1
-
-    def close(self) -> None:
-        if not self.tar.closed:
-            self.tar.close()
-
-
 def incomplete_marker(output_dir: Path, prefix: str) -> Path:
     return Path(output_dir) / f"{prefix}-INCOMPLETE"
 
@@ -163,8 +121,8 @@ def _existing_targets(output_dir: Path, prefix: str) -> list[Path]:
 def _check_limits(samples_per_shard, max_shard_bytes) -> tuple[int, int]:
     if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ConfigError(f"samples_per_shard must be a positive integer, got {samples_per_shard!r}.")
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, (int, float)) or max_shard_bytes < _RECORD:
-        raise ConfigError(f"max_shard_bytes must be a number of at least {_RECORD}, got {max_shard_bytes!r}.")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, (int, float)) or max_shard_bytes < RECORD:
+        raise ConfigError(f"max_shard_bytes must be a number of at least {RECORD}, got {max_shard_bytes!r}.")
     return samples_per_shard, int(max_shard_bytes)
 
 
@@ -196,6 +154,54 @@ def write_shards(
     if num_classes is None and class_names is not None:
         num_classes = len(class_names)
     output_dir = Path(output_dir)
+    _prepare_output_dir(output_dir, prefix, overwrite)
+
+    shards: list[PartialShard] = []
+    statistics = ImageStats() if stats else None
+    class_counts: Counter = Counter()  # samples per label; the key None counts the unlabelled samples
+    bar = tqdm(total=total, desc=f"writing {output_dir}", unit="samples", disable=None if progress else True)
+    previous_key = None
+    try:
+        for key, image, label in samples:
+            _check_key(key, previous_key)
+            previous_key = key
+            label = _check_label(key, label, num_classes)
+            data, ext = _encode_image(image)
+            if statistics is not None:
+                statistics.add(data)
+            members = _members(key, data, ext, label)
+            class_counts[label] += 1
+            if None in class_counts and len(class_counts) > 1:
+                raise DataError(
+                    f"Sample {key!r} breaks the pattern of the samples before it: some samples have labels and "
+                    f"some have none, but a data set must be one or the other."
+                )
+            size = sum(archived_size(info) for info, _ in members)
+            current = _shard_for(shards, size, output_dir, prefix, samples_per_shard, max_shard_bytes)
+            if finished_size(size) > max_shard_bytes:
+                log.warning("sample %s (%d bytes) exceeds max_shard_bytes; it gets a shard of its own", key, size)
+            current.add(members, size)
+            bar.update()
+        if not shards:
+            raise DataError(f"No samples to write to {output_dir}: the source yielded nothing.")
+        for shard in shards:
+            shard.close()
+        summary = statistics.result() if statistics is not None else None
+        if summary is not None:
+            summary["unreadable"] = len(unreadable) if unreadable is not None else None
+        labelled = class_counts.pop(None, 0) == 0
+        index = _commit(shards, output_dir, prefix, class_counts, num_classes, class_names, labelled, summary)
+    finally:
+        bar.close()
+        for shard in shards:
+            shard.close()
+            shard.temp_path.unlink(missing_ok=True)
+    return index
+
+
+def _prepare_output_dir(output_dir: Path, prefix: str, overwrite: bool) -> None:
+    """Make the folder; refuse (DataError) to replace a data set of this prefix unless `overwrite` or an
+    interrupted write of it is there; remove the temporary files of killed writers."""
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(f"output_dir {output_dir} exists and is not a folder. Choose another output_dir.")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -211,64 +217,37 @@ def write_shards(
             f"written. Choose another output_dir or prefix, or pass overwrite=true to replace them."
         )
 
-    shards: list[_PartialShard] = []
-    statistics = ImageStats() if stats else None
-    class_counts: dict[int, int] = {}
-    labelled = unlabelled = 0
-    bar = tqdm(total=total, desc=f"writing {output_dir}", unit="samples", disable=None if progress else True)
-    previous_key = None
-    try:
-        for key, image, label in samples:
-            if not isinstance(key, str) or not _KEY_RE.match(key) or key == previous_key:
-                raise DataError(
-                    f"Sample key {key!r} is unusable: keys must be non-empty strings without dots or white space, "
-                    f"not starting with '/', and differ from the previous sample's key."
-                )
-            previous_key = key
-            label = _check_label(key, label, num_classes)
-            data, ext = _encode_image(image)
-            if statistics is not None:
-                statistics.add(data)
-            members = [(_tar_info(f"{key}.{ext}", len(data)), data)]
-            if label is not None:
-                text = str(label).encode()
-                members.append((_tar_info(f"{key}.cls", len(text)), text))
-                class_counts[label] = class_counts.get(label, 0) + 1
-                labelled += 1
-            else:
-                unlabelled += 1
-            if labelled and unlabelled:
-                raise DataError(
-                    f"Sample {key!r} breaks the pattern of the samples before it: some samples have labels and "
-                    f"some have none, but a data set must be one or the other."
-                )
-            size = sum(_archived_size(info) for info, _ in members)
-            current = shards[-1] if shards else None
-            if current is None or current.num_samples >= samples_per_shard or (
-                current.num_samples > 0 and _finished_size(current.content_bytes + size) > max_shard_bytes
-            ):
-                if current is not None:
-                    current.close()
-                current = _PartialShard(output_dir, shard_name(prefix, len(shards)))
-                shards.append(current)
-            if _finished_size(size) > max_shard_bytes:
-                log.warning("sample %s (%d bytes) exceeds max_shard_bytes; it gets a shard of its own", key, size)
-            current.add(members, size)
-            bar.update()
-        if not shards:
-            raise DataError(f"No samples to write to {output_dir}: the source yielded nothing.")
-        for shard in shards:
-            shard.close()
-        summary = statistics.result() if statistics is not None else None
-        if summary is not None:
-            summary["unreadable"] = len(unreadable) if unreadable is not None else None
-        index = _commit(shards, output_dir, prefix, class_counts, num_classes, class_names, labelled > 0, summary)
-    finally:
-        bar.close()
-        for shard in shards:
-            shard.close()
-            shard.temp_path.unlink(missing_ok=True)
-    return index
+
+def _check_key(key, previous_key) -> None:
+    if not isinstance(key, str) or not _KEY_RE.match(key) or key == previous_key:
+        raise DataError(
+            f"Sample key {key!r} is unusable: keys must be non-empty strings without dots or white space, "
+            f"not starting with '/', and differ from the previous sample's key."
+        )
+
+
+def _members(key: str, data: bytes, ext: str, label: int | None) -> list[tuple]:
+    """The tar members of one sample: `{key}.{ext}` (the image) and, when labelled, `{key}.cls`."""
+    members = [(tar_info(f"{key}.{ext}", len(data)), data)]
+    if label is not None:
+        text = str(label).encode()
+        members.append((tar_info(f"{key}.cls", len(text)), text))
+    return members
+
+
+def _shard_for(shards: list[PartialShard], size: int, output_dir: Path, prefix: str, samples_per_shard: int,
+               max_shard_bytes: int) -> PartialShard:
+    """The shard a sample of `size` archived bytes goes to: the last one, or a new one (appended to `shards`) when
+    the last is full in samples or the sample would make its finished file pass `max_shard_bytes`."""
+    current = shards[-1] if shards else None
+    if current is None or current.num_samples >= samples_per_shard or (
+        current.num_samples > 0 and finished_size(current.content_bytes + size) > max_shard_bytes
+    ):
+        if current is not None:
+            current.close()
+        current = PartialShard(output_dir, shard_name(prefix, len(shards)))
+        shards.append(current)
+    return current
 
 
 def _commit(shards, output_dir: Path, prefix: str, class_counts, num_classes, class_names, labelled, stats):
