@@ -47,6 +47,7 @@ class ClassifierTask(Task):
     `build_optimizer` and `make_train_data`; `mix` and `criterion` default to plain cross-entropy."""
 
     outputs = (BEST_NAME, METRICS_NAME, FEATURES_NAME)
+    save_at_epoch_end = True  # the saved state knows the best evaluation so far
 
     def __init__(self, cfg: DictConfig, img_size: int):
         self.cfg, self.img_size = cfg, img_size
@@ -111,12 +112,11 @@ class ClassifierTask(Task):
         with self.accelerator.autocast():
             return self.criterion(model(inputs), targets)
 
-    def after_step(self, step: int, state: TrainState, *, epoch_end: bool, last: bool) -> bool:
+    def after_step(self, step: int, state: TrainState, *, epoch_end: bool, last: bool) -> None:
         epoch, epochs = state.epoch, self.cfg.optim.epochs
         due = last or (epoch_end and (epoch % self.cfg.train.eval_every == 0 or epoch == epochs))
         if due and self.val is not None:
-            self.validate(state)
-        return epoch_end or (due and self.val is not None)
+            self.validate(state)  # sets state.last_eval: the loop saves a checkpoint after it
 
     def validate(self, state: TrainState) -> dict:
         metrics = classifier_metrics(self.model, self.val.batches(), self.accelerator)

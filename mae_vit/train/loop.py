@@ -7,7 +7,8 @@ the same number of samples (`Plan`, `step_batches`). Per step, in order:
 
     lr -> accum micro-batches (no gradient all-reduce but on the last) -> clip -> optimizer step
        -> log (every train.log_every) -> task.after_step (epoch-end evaluation, pictures)
-       -> checkpoint (every train.save_every, and after an evaluation) -> stop on SIGTERM / SIGUSR1
+       -> checkpoint (every train.save_every, after an evaluation, at an epoch end when the task asks)
+       -> stop on SIGTERM / SIGUSR1
           (after a checkpoint; `StoppedBySignal`, exit status 75: re-run to resume)
 
 The loop never syncs the host per step: loss sums and the non-finite check stay on the device until
@@ -21,6 +22,7 @@ import itertools
 import logging
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -30,8 +32,8 @@ from mae_vit.errors import NonFiniteLossError, StoppedBySignal
 from mae_vit.files import write_json
 from mae_vit.train.batches import step_batches
 from mae_vit.train.build import shard_stats
-from mae_vit.train.device import compiled, make_accelerator
-from mae_vit.train.lineage import LINEAGE_NAME, lineage
+from mae_vit.train.device import compiled, load_state, make_accelerator
+from mae_vit.train.lineage import LINEAGE_NAME, lineage, note_resume
 from mae_vit.train.monitor import NonFiniteGuard, StopSignal, TrainMeter, on_main_process, setup_logging
 from mae_vit.train.optim import set_lr
 from mae_vit.train.rundir import RunDir, TrainState, read_state, save_checkpoint
@@ -50,6 +52,7 @@ class Task:
     name = "train"
     outputs: tuple[str, ...] = ()  # files it writes into the run directory (deleted by an overwrite)
     parent: str | None = None      # the checkpoint it starts from (lineage.json)
+    save_at_epoch_end = False      # a checkpoint at every epoch end (classifiers: it holds the best evaluation)
     train_urls: str | None = None  # the data it reads, set by build_model (lineage.json)
     val_urls: str | None = None
 
@@ -70,9 +73,9 @@ class Task:
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def after_step(self, step: int, state: TrainState, *, epoch_end: bool, last: bool) -> bool:
-        """Epoch-end work (evaluation) and pictures; True when the state changed and deserves a checkpoint."""
-        return False
+    def after_step(self, step: int, state: TrainState, *, epoch_end: bool, last: bool) -> None:
+        """Epoch-end work and pictures. An evaluation that the loop should checkpoint sets `state.last_eval`
+        (with its "step")."""
 
     def finish(self, state: TrainState) -> dict:
         """After the last checkpoint: exports, final checks, metrics.json; returns the run's summary."""
@@ -94,7 +97,7 @@ def train(cfg: DictConfig, task: Task) -> dict:
     model, optimizer = accelerator.prepare(model, task.build_optimizer(model))
     state = TrainState()
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_state(accelerator, resume_from)
         state = read_state(resume_from)
     data = task.build_data(run, resumed=resume_from is not None)
     plan = make_plan(cfg.optim, batch_size=cfg.data.batch_size, world_size=accelerator.num_processes,
@@ -103,8 +106,8 @@ def train(cfg: DictConfig, task: Task) -> dict:
                      total_steps=state.budget and state.budget["steps"])
     _start(cfg, plan, state, accelerator, resume_from, run, task)
     # The steps run the compiled model (train.compile); checkpoints and evaluations use `model`, same parameters.
-    loop = Loop(cfg, task, accelerator, compiled(model, t.compile), optimizer, plan, state, run, last_ckpt=resume_from)
-    loop.started = started  # a time budget counts from here
+    loop = Loop(cfg, task, accelerator, compiled(model, t.compile), optimizer, plan, state, run,
+                last_ckpt=resume_from, started=started)  # a time budget counts from `started`
     if run_recovering(loop, data, retries=t.nan_retries):
         accelerator.end_training()
         raise StoppedBySignal(f"a stop signal (SIGTERM / SIGUSR1) arrived; the run saved its checkpoint at step "
@@ -126,16 +129,10 @@ def run_recovering(loop: "Loop", data, retries: int) -> bool:
             if retries == 0 or loop.last_ckpt is None:
                 raise
             retries -= 1
-            saved, bad = read_state(loop.last_ckpt), error.step
-            log.warning("the loss became NaN or infinite at step %d; reloading %s (step %d) and going on from step "
-                        "%d with the data after the steps that diverged (%d retries left)", bad, loop.last_ckpt,
-                        saved.step, bad + 1, retries)
-            loop.accelerator.load_state(str(loop.last_ckpt))
-            skipped = (bad - saved.step) * loop.plan.effective_batch
-            vars(loop.state).update(vars(saved))
-            loop.state.step, loop.state.samples_seen = bad, saved.samples_seen + skipped
-            loop.plan = dataclasses.replace(loop.plan, first_step=bad)
-            loop.meter = TrainMeter(loop.accelerator.device)
+            log.warning("the loss became NaN or infinite at step %d; reloading %s and going on from step %d with "
+                        "the data after the steps that diverged (%d retries left)", error.step, loop.last_ckpt,
+                        error.step + 1, retries)
+            loop.rewind(loop.last_ckpt, error.step)
 
 
 def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_from, run: RunDir, task: Task) -> None:
@@ -150,6 +147,7 @@ def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_f
     else:
         log.info("resuming from %s (step %d, epoch %d, %d samples seen)", resume_from, state.step, state.epoch,
                  state.samples_seen)
+        on_main_process(accelerator, lambda: note_resume(run.path, cfg, state.step))  # lineage.json: changes now
         if state.layout and state.layout != layout and state.samples_seen % state.samples_per_epoch:
             log.warning("the process layout changed since the checkpoint (%s -> %s): the epoch goes on after the same "
                         "number of samples, but not exactly with the samples the old layout had left",
@@ -186,7 +184,7 @@ class Loop:
     """The state of one training loop: `run` is the loop; `save`, `log` and `fit_budget` are what it calls."""
 
     def __init__(self, cfg, task, accelerator, model, optimizer, plan: Plan, state: TrainState, run: RunDir,
-                 last_ckpt):
+                 last_ckpt, started: float):
         self.t, self.clip_grad = cfg.train, cfg.optim.clip_grad
         self.budget = seconds(cfg.optim.time_budget) if cfg.optim.time_budget else None
         self.budget_text = cfg.optim.time_budget
@@ -194,60 +192,78 @@ class Loop:
         self.plan, self.state, self.run_dir = plan, state, run
         self.last_ckpt, self.saved_step = last_ckpt, (state.step if last_ckpt else None)
         self.guard, self.meter = NonFiniteGuard(accelerator.device), TrainMeter(accelerator.device)
-        self.started = time.perf_counter()
+        self.started = started
 
     def run(self, data) -> bool:
         """Train from `plan.first_step` to `plan.last_step`; True when stopped early by a signal."""
-        a, t, plan, state = self.accelerator, self.t, self.plan, self.state
-        if plan.first_step >= plan.last_step:
+        a, t, state = self.accelerator, self.t, self.state
+        if self.plan.first_step >= self.plan.last_step:
             return False
         stop = StopSignal()
-        bar = tqdm(total=plan.last_step, initial=plan.first_step, desc=self.task.name, unit="step", dynamic_ncols=True,
-                   disable=None if a.is_main_process else True)
+        bar = tqdm(total=self.plan.last_step, initial=self.plan.first_step, desc=self.task.name, unit="step",
+                   dynamic_ncols=True, disable=None if a.is_main_process else True)
         self.model.train()
         tick = time.perf_counter()
         try:
-            for step, micro_batches in zip(itertools.count(plan.first_step + 1), step_batches(data, plan)):
+            for step, micro_batches in zip(itertools.count(self.plan.first_step + 1), step_batches(data, self.plan)):
                 self.meter.data_time += time.perf_counter() - tick
-                lr = plan.lr(step)
-                set_lr(self.optimizer, lr)
-                for i, batch in enumerate(micro_batches):
-                    with a.no_sync(self.model) if i < plan.accum - 1 else nullcontext():
-                        loss = self.task.loss(self.model, batch)
-                        a.backward(loss / plan.accum)
-                    self.guard.update(loss, step)
-                    self.meter.add(loss, batch)
-                if self.clip_grad:
-                    a.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                state.step, state.samples_seen = step, state.samples_seen + plan.effective_batch
+                lr = self.step(step, micro_batches)
                 bar.update()
-                if self.budget and state.budget is None and step - plan.first_step in (2, MEASURED_STEPS + 2):
-                    plan = self.fit_budget(step, bar)
-                if step % t.log_every == 0 or step == plan.last_step:
+                if self.budget and state.budget is None and step - self.plan.first_step in (2, MEASURED_STEPS + 2):
+                    self.fit_budget(step, bar)
+                last, epoch_end = step == self.plan.last_step, step % self.plan.steps_per_epoch == 0
+                if step % t.log_every == 0 or last:
                     self.log(lr, bar)
-                evaluated = self.task.after_step(step, state, epoch_end=step % plan.steps_per_epoch == 0,
-                                                 last=step == plan.last_step)
-                if step % t.save_every == 0 or evaluated:
+                self.task.after_step(step, state, epoch_end=epoch_end, last=last)
+                evaluated = state.last_eval is not None and state.last_eval.get("step") == step
+                if step % t.save_every == 0 or evaluated or (epoch_end and self.task.save_at_epoch_end):
                     self.save()
                 if (a.num_processes == 1 or step % STOP_CHECK_EVERY == 0 or step % t.log_every == 0) and stop.agreed(a):
                     log.info("stop signal received: saving a checkpoint at step %d and stopping", step)
                     if self.saved_step != step:
                         self.save()
                     return True
-                if step >= plan.last_step:
+                if step >= self.plan.last_step:
                     return False
                 tick = time.perf_counter()
         finally:
             bar.close()
 
-    def fit_budget(self, step: int, bar) -> Plan:
+    def step(self, step: int, micro_batches: list[dict]) -> float:
+        """One optimizer step: lr, the micro-batches (gradients all-reduced on the last only), clip, update."""
+        a, plan = self.accelerator, self.plan
+        lr = plan.lr(step)
+        set_lr(self.optimizer, lr)
+        for i, batch in enumerate(micro_batches):
+            with a.no_sync(self.model) if i < plan.accum - 1 else nullcontext():
+                loss = self.task.loss(self.model, batch)
+                a.backward(loss / plan.accum)
+            self.guard.update(loss, step)
+            self.meter.add(loss, batch)
+        if self.clip_grad:
+            a.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step, self.state.samples_seen = step, self.state.samples_seen + plan.effective_batch
+        return lr
+
+    def rewind(self, checkpoint: Path, bad_step: int) -> None:
+        """Back to `checkpoint`, then on from the step after `bad_step`: the steps in between are skipped, their
+        samples count as seen (a non-finite loss: their data led there)."""
+        load_state(self.accelerator, checkpoint)
+        saved = read_state(checkpoint)
+        skipped = (bad_step - saved.step) * self.plan.effective_batch
+        vars(self.state).update(vars(saved))
+        self.state.step, self.state.samples_seen = bad_step, saved.samples_seen + skipped
+        self.plan = dataclasses.replace(self.plan, first_step=bad_step)
+        self.meter = TrainMeter(self.accelerator.device)
+
+    def fit_budget(self, step: int, bar) -> None:
         """optim.time_budget: time steps 3..22 of this start, then fix the total steps to end on time."""
         now = time.perf_counter()
         if step - self.plan.first_step == 2:
             self.timer = now
-            return self.plan
+            return
         measured = torch.tensor((now - self.timer) / MEASURED_STEPS, device=self.accelerator.device)
         step_s = float(self.accelerator.reduce(measured, reduction="max"))  # the slowest process sets the pace
         total = max(budget_steps(self.budget, now - self.started, step, step_s), step)
@@ -257,7 +273,6 @@ class Loop:
         bar.total = self.plan.last_step
         log.info("time budget %s: %.3f s per step measured -> %d steps in all (%.2f epochs); the schedule ends at "
                  "step %d", self.budget_text, step_s, total, total / self.plan.steps_per_epoch, total)
-        return self.plan
 
     def save(self) -> None:
         self.guard.check(self.accelerator, self.last_ckpt)  # never save a diverged state over a good one
