@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mae_vit.errors import CheckpointError
+from mae_vit.errors import CheckpointError, NonFiniteLossError
 from mae_vit.files import atomic_path
 from mae_vit.layers import resize_pos_embed
 
@@ -224,9 +224,18 @@ def export_safetensors(model_or_sd, path: str | os.PathLike, *, metadata: dict[s
     in the file's header (a run's exports: its architecture under `RUN_METADATA`)."""
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_state_dict(sd).items()}
+    bad = nonfinite_tensors(sd)
+    if bad:  # a diverged model is never exported, under any name
+        raise NonFiniteLossError(f"refused to write {path}: {len(bad)} of {len(sd)} tensors hold NaN or infinite "
+                                 f"values ({_summarise(bad)}): the model diverged. Nothing was written.")
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata=metadata)
     return Path(path)
+
+
+def nonfinite_tensors(sd: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `sd` that hold a NaN or an infinity."""
+    return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

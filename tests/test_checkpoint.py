@@ -142,3 +142,15 @@ def test_compiled_prefix_stripped():
     src = tiny("vit_tiny_patch4", num_classes=2)
     sd = {f"_orig_mod.module.{k}": v for k, v in src.state_dict().items()}
     assert not load_weights(tiny("vit_tiny_patch4", num_classes=2), sd, strict=True).missing
+
+
+def test_weights_with_a_nan_or_an_infinity_are_never_exported(tmp_path):
+    from mae_vit.errors import NonFiniteLossError
+
+    model = tiny()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
+        model.norm.bias[0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="2 of .* tensors hold NaN or infinite values"):
+        export_safetensors(model, tmp_path / "model.safetensors")
+    assert list(tmp_path.iterdir()) == []

@@ -73,3 +73,15 @@ def test_a_resumed_run_with_a_bigger_batch_keeps_its_new_checkpoints_and_resumes
     assert [read_state(p).samples_seen for p in RunDir(out).complete_checkpoints()] == [128, 192]
     result = pretrain(out, shards, *common, "data.batch_size=64", "train.max_steps=4")
     assert "step_0000003 (step 3, epoch 1, 192 samples seen)" in result.stderr
+
+
+def test_a_diverged_fine_tuning_exports_nothing(tmp_path, shards):
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "tools" / "finetune.py"), "--output-dir", str(out), "--data", shards,
+            f"data.val={shards}", "model.img_size=16", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+            "data.batch_size=16", "data.num_workers=0", "train.trackers=[]", "optim.lr=1e25", "optim.epochs=2",
+            "optim.warmup_epochs=0", "train.log_every=100"]  # the first loss check comes after the evaluation
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "NaN or infinite" in result.stderr
+    assert not any(out.glob("*.safetensors"))

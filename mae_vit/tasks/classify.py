@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from mae_vit.checkpoint import EXPORT_NAME, export_safetensors, read_file, to_state_dict
+from mae_vit.checkpoint import EXPORT_NAME, export_safetensors, nonfinite_tensors, read_file, to_state_dict
 from mae_vit.data import read_index
-from mae_vit.errors import DataError
+from mae_vit.errors import DataError, NonFiniteLossError
 from mae_vit.eval import classifier_metrics
 from mae_vit.files import write_json
 from mae_vit.train.batches import ShardBatches, transform_for
@@ -121,6 +121,14 @@ class ClassifierTask(Task):
     def validate(self, state: TrainState) -> dict:
         metrics = classifier_metrics(self.model, self.val.batches(), self.accelerator)
         metrics.update(epoch=round(state.samples_seen / state.samples_per_epoch, 4), step=state.step)
+        bad = nonfinite_tensors(self.classifier.state_dict())
+        if bad:  # the same weights on every process: all of them stop here, before anything is exported
+            raise NonFiniteLossError(
+                f"the weights became NaN or infinite by optimizer step {state.step} ({len(bad)} tensors, e.g. "
+                f"{bad[0]}); the run stopped before the evaluation could export {BEST_NAME}. Common fixes: a lower "
+                "learning rate (optim.base_lr), gradient clipping (optim.clip_grad=1.0), train.mixed_precision=bf16 "
+                "instead of fp16.",
+                step=state.step)
         state.last_eval = metrics
         if state.best is None or metrics["top1"] > state.best["top1"]:
             state.best = metrics
