@@ -165,13 +165,12 @@ def write_all_figures(
     out.mkdir(parents=True, exist_ok=True)
     shown = imgs[:max_images]
     gh, gw = model.patch_embed.grid_size
-    first_block = model.blocks[0].attn
     summary: dict = {
         "model": type(model).__name__,
         "patch_size": int(model.patch_embed.patch_size),
         "grid_size": [int(gh), int(gw)],
         "depth": len(model.blocks),
-        "num_heads": int(first_block.num_heads),
+        "num_heads": int(model.blocks[0].attn.num_heads),
         "num_images": int(imgs.shape[0]),
         "files": [],
         "skipped": {},
@@ -188,7 +187,8 @@ def write_all_figures(
     sim = position_embedding_similarity(model)
     plot_position_similarity(sim, out / FILES["position_similarity"])
     summary["files"].append(FILES["position_similarity"])
-    summary["position_embedding"] = {"type": getattr(model, "pos_embed_type", "unknown"), **position_similarity_stats(sim)}
+    summary["position_embedding"] = {"type": getattr(model, "pos_embed_type", "unknown"),
+                                     **position_similarity_stats(sim)}
 
     dist = mean_attention_distance(model, imgs)  # (depth, heads)
     plot_attention_distance(dist, out / FILES["attention_distance"])
@@ -208,30 +208,38 @@ def write_all_figures(
     }
 
     if _is_mae(model):
-        noise = torch.rand(shown.shape[0], gh * gw, generator=torch.Generator().manual_seed(seed))
-        grids, losses = [], []
-        device = next(model.parameters()).device
-        for ratio in mask_ratios:
-            grids.append(reconstruction_grid(model, shown, mask_ratio=ratio, mean=mean, std=std, noise=noise))
-            was_training = model.training
-            model.eval()
-            try:
-                loss, _, _ = model(shown.to(device), mask_ratio=ratio, noise=noise.to(device))
-            finally:
-                model.train(was_training)
-            losses.append(float(loss) if math.isfinite(float(loss)) else None)  # JSON has no NaN
-        caption = reconstruction_caption(model)
-        plot_reconstructions(grids, list(mask_ratios), caption, out / FILES["reconstructions"])
+        summary["reconstruction"] = _write_reconstructions(model, shown, out / FILES["reconstructions"], mean=mean,
+                                                           std=std, mask_ratios=mask_ratios, seed=seed)
         summary["files"].append(FILES["reconstructions"])
-        summary["reconstruction"] = {
-            "mask_ratios": [float(r) for r in mask_ratios],
-            "loss": losses,
-            "norm_pix_loss": bool(model.norm_pix_loss),
-            "caption": caption,
-        }
     else:
         summary["skipped"]["reconstructions"] = "not a masked autoencoder"
 
     summary["files"].append(FILES["summary"])
     write_json(out / FILES["summary"], summary)
     return summary
+
+
+def _write_reconstructions(model, shown: torch.Tensor, path: Path, *, mean, std, mask_ratios, seed: int) -> dict:
+    """Draw the MAE's reconstructions of `shown` at each mask ratio, all from one mask noise (seeded by `seed`);
+    return the summary's entry, with the loss at each ratio (None where not finite)."""
+    gh, gw = model.patch_embed.grid_size
+    noise = torch.rand(shown.shape[0], gh * gw, generator=torch.Generator().manual_seed(seed))
+    grids, losses = [], []
+    device = next(model.parameters()).device
+    for ratio in mask_ratios:
+        grids.append(reconstruction_grid(model, shown, mask_ratio=ratio, mean=mean, std=std, noise=noise))
+        was_training = model.training
+        model.eval()
+        try:
+            loss, _, _ = model(shown.to(device), mask_ratio=ratio, noise=noise.to(device))
+        finally:
+            model.train(was_training)
+        losses.append(float(loss) if math.isfinite(float(loss)) else None)  # JSON has no NaN
+    caption = reconstruction_caption(model)
+    plot_reconstructions(grids, list(mask_ratios), caption, path)
+    return {
+        "mask_ratios": [float(r) for r in mask_ratios],
+        "loss": losses,
+        "norm_pix_loss": bool(model.norm_pix_loss),
+        "caption": caption,
+    }
