@@ -34,19 +34,16 @@ import io
 import itertools
 import logging
 import random
-from typing import Callable, Generator, Iterator
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
-from webdataset.gopen import gopen
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mae_vit.data.split import assign, kept_in_range, resume_plan, worker_batch_counts, worker_sample_counts
 from mae_vit.data.transforms import to_8bit
-from mae_vit.data.urls import expand_urls, read_index, shard_sample_counts
+from mae_vit.data.urls import expand_urls, read_index, shard_sample_counts, tar_samples
 from mae_vit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -148,7 +145,7 @@ class ShardDataset(IterableDataset):
         for shard in assignment.shards:
             url = self.urls[shard]
             expected = self.expected[shard] if self.expected else None
-            reader, n_read = _tar_samples(url), 0
+            reader, n_read = tar_samples(url), 0
             while True:
                 try:
                     sample = next(reader)
@@ -272,24 +269,6 @@ class ShardDataset(IterableDataset):
 def _with_counts(item: dict, counter: _SkipCounter) -> dict:
     item["skipped"], item["skipped_shards"] = counter.drain()
     return item
-
-
-def _tar_samples(url: str) -> Generator[dict, None, Exception | None]:
-    """Samples of one shard via webdataset's tar iteration; returns the error that stopped it, if any."""
-    stream = None
-    try:
-        stream = gopen(url)
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
-        yield from group_by_keys(files, handler=reraise_exception)
-        return None
-    except Exception as exc:  # missing file, not a tar, truncated, pipe failure: reported by the caller
-        return exc
-    finally:
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # a failed pipe: already reported by the read
-                pass
 
 
 def collate_samples(samples: list[dict]) -> dict:

@@ -1,4 +1,5 @@
-"""Shard URL specs: expansion with up-front checks, the JSON index beside the shards, sample counts.
+"""Shard URL specs: expansion with up-front checks, the JSON index beside the shards, sample counts, a shard's
+samples.
 
 A spec is one or more parts separated by `::`; each part is brace-expanded (`data/shard-{000000..000009}.tar`,
 `{a,b}.tar`). Local parts may also be a glob (`data/train/*.tar`) or a folder (all `*.tar` in it, sorted).
@@ -15,8 +16,12 @@ import logging
 import re
 import tarfile
 from pathlib import Path
+from typing import Generator
 
 import braceexpand
+from webdataset.gopen import gopen
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mae_vit.errors import DataError
 
@@ -163,6 +168,24 @@ def count_tar_samples(path: str | Path) -> int:
     except (OSError, tarfile.TarError, EOFError) as exc:
         log.warning("shard %s is damaged (%s); counting the %d samples before the damage", path, exc, count)
     return count
+
+
+def tar_samples(url: str) -> Generator[dict, None, Exception | None]:
+    """Samples of one shard via webdataset's tar iteration; returns the error that stopped it, if any."""
+    stream = None
+    try:
+        stream = gopen(url)
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
+        yield from group_by_keys(files, handler=reraise_exception)
+        return None
+    except Exception as exc:  # missing file, not a tar, truncated, pipe failure: reported by the caller
+        return exc
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # a failed pipe: already reported by the read
+                pass
 
 
 def shard_sample_counts(urls: list[str]) -> list[int]:
