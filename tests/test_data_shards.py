@@ -257,3 +257,14 @@ def test_out_of_range_label_is_a_bad_sample(tmp_path):
     (tmp_path / "shard-index.json").write_text('{"shards": {"shard-000000.tar": 4}, "num_classes": 2}')
     batches = epoch_batches(urls, num_workers=0, batch_size=8, shuffle=False)  # labels are 0, 1, 2, 3
     assert keys_of(batches) == all_keys[:2] and totals(batches) == (2, 0)
+
+
+def test_without_an_index_a_label_beyond_the_models_classes_is_skipped_and_counted(tmp_path):
+    from mae_vit.data.in_memory import decode_all
+
+    urls, all_keys = make_set(tmp_path, [6])
+    (tmp_path / "shard-index.json").unlink()  # hand-made shards: nothing says how many classes there are
+    batches = epoch_batches(urls, num_workers=0, batch_size=8, shuffle=False, num_classes=4)  # labels 0..5
+    assert keys_of(batches) == all_keys[:4] and totals(batches) == (2, 0)
+    images, labels = decode_all(urls, 3, labels=True, num_classes=4)
+    assert images.shape[0] == 4 and labels.tolist() == [0, 1, 2, 3]

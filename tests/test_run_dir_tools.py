@@ -85,3 +85,23 @@ def test_a_diverged_fine_tuning_exports_nothing(tmp_path, shards):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "NaN or infinite" in result.stderr
     assert not any(out.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("in_memory", ["true", "false"])
+def test_labels_beyond_the_model_in_shards_without_an_index_are_skipped_and_counted(tmp_path, in_memory):
+    write_shards(synthetic_samples(64, img_size=16, num_classes=8), tmp_path / "shards", samples_per_shard=32,
+                 progress=False)
+    (tmp_path / "shards" / "shard-index.json").unlink()  # hand-made shards: no class count anywhere
+    argv = [sys.executable, str(ROOT / "tools" / "finetune.py"), "--output-dir", str(tmp_path / "run"), "--data",
+            str(tmp_path / "shards"), "--num-classes", "6", "model.img_size=16", "model.depth=1",
+            "model.embed_dim=32", "model.num_heads=2", "data.batch_size=8", "data.num_workers=0",
+            "train.trackers=[]", "optim.epochs=1", "optim.warmup_epochs=0", "train.log_every=1",
+            f"data.in_memory={in_memory}", "augment.randaug_num_ops=0", "augment.reprob=0"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "label 6 is not a class" in result.stderr  # labels 6 and 7: a quarter of the samples
+    skipped = read_state(RunDir(tmp_path / "run").latest()).skipped_samples
+    if in_memory == "true":  # left out once, when the set is loaded
+        assert "16 of the 64 samples were unreadable" in result.stderr and skipped == 0
+    else:  # counted as they pass (the epoch reads its share again to fill the planned steps)
+        assert skipped >= 16

@@ -88,6 +88,9 @@ class ShardDataset(IterableDataset):
     skip_batches (resume inside an epoch): leave out the first `skip_batches` batches the DataLoader
     (with this batch_size and drop_last) would have returned this epoch; the rest come in the same
     order when no sample of the skipped part was bad. Augmentation randomness is not replayed.
+
+    num_classes (the model's): a label outside [0, num_classes) makes its sample bad (skipped and counted), as
+    a label beyond the index's classes does; shards without an index are checked against it alone.
     """
 
     def __init__(
@@ -107,13 +110,16 @@ class ShardDataset(IterableDataset):
         batch_size: int | None = None,
         drop_last: bool = True,
         keep_jpeg: bool = False,
+        num_classes: int | None = None,
     ):
         _check_common(rank, world_size, in_chans, shuffle_buffer)
         self.urls = expand_urls(urls)
         index = read_index(self.urls)
         # Expected samples per shard (None without an index): detects truncated shards, counts lost samples.
         self.expected = [index["shards"][u] for u in self.urls] if index else None
-        self.num_classes = index["num_classes"] if index else None
+        # labels must lie in [0, num_classes): the model's classes (given) and the index's, where either says
+        limits = [n for n in (num_classes, index["num_classes"] if index else None) if n is not None]
+        self.num_classes = min(limits) if limits else None
         if with_labels and index is not None and index["num_classes"] is None:
             raise DataError(
                 f"The shards {urls!r} are unlabeled (their index has no classes) but labels were asked for. "

@@ -71,7 +71,7 @@ class ShardBatches:
                             world_size=accelerator.num_processes, seed=cfg.train.seed if train else 0,
                             in_chans=cfg.model.in_chans)
         self.loader_options = dict(shuffle=train, shuffle_buffer=d.shuffle_buffer if train else 0,
-                                   with_labels=labels, drop_last=train,
+                                   with_labels=labels, num_classes=cfg.model.get("num_classes"), drop_last=train,
                                    pin_memory=train and accelerator.device.type == "cuda")
 
     def batches_per_epoch(self, epoch: int) -> int:
@@ -198,7 +198,7 @@ def train_batches(urls: str, cfg: DictConfig, kind: str, *, accelerator, img_siz
                                 labels=labels)
     if not d.get("in_memory", False):
         return ShardBatches(urls, cfg, transform_for(cfg, kind, img_size), accelerator=accelerator, labels=labels)
-    images, targets = decode_all(urls, cfg.model.in_chans, labels=labels)
+    images, targets = decode_all(urls, cfg.model.in_chans, labels=labels, num_classes=cfg.model.get("num_classes"))
     log.info("in memory: %d images of %s px (%.1f MiB) on %s, augmented there", images.shape[0],
              "x".join(map(str, images.shape[1:])), images.numel() / 2**20, accelerator.device)
     return MemoryBatches(images, targets, img_size=img_size or cfg.model.img_size, crop_scale=d.crop_scale,
