@@ -55,6 +55,7 @@ def _arrays(n, split, size=16):
     return torch.tensor(np.stack(xs)).permute(0, 3, 1, 2).float() / 255, torch.tensor(ys)
 
 
+@pytest.mark.slow  # a whole training run
 def test_classes_are_learnable_but_not_by_pixel_templates():
     torch.manual_seed(0)
     x_train, y_train = _arrays(600, "train")

@@ -161,6 +161,7 @@ def test_num_classes_from_index_or_config(shards, tmp_path):
         resolve_num_classes(None, str(bare))
 
 
+@pytest.mark.slow  # a whole training run
 def test_end_to_end_run_exports_best_and_last_and_resumes(shards, tmp_path, mae16, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -78,6 +78,7 @@ def test_only_the_head_trains_and_the_encoder_stays_frozen(shards, tmp_path, mae
     assert all(p.grad is None for n, p in probe.named_parameters() if not n.startswith("module.head."))
 
 
+@pytest.mark.slow  # a whole training run
 def test_image_run_keeps_the_checkpoint_encoder_bit_for_bit(shards, tmp_path, mae16):
     out = tmp_path / "run"
     summary = linprobe(cfg_for(out, shards, "--checkpoint", str(mae16), "optim.epochs=2", "optim.warmup_epochs=1"))
@@ -95,6 +96,7 @@ def test_image_run_keeps_the_checkpoint_encoder_bit_for_bit(shards, tmp_path, ma
     assert json.loads((out / METRICS_NAME).read_text())["task"] == "linprobe"
 
 
+@pytest.mark.slow  # a whole training run
 def test_feature_cache_run_gives_metrics_and_is_reused_on_resume(shards, tmp_path, mae16, capsys):
     out = tmp_path / "run"
     argv = ["--checkpoint", str(mae16), "feature_cache=true", "optim.epochs=6", "optim.warmup_epochs=1",
@@ -132,6 +134,7 @@ def test_feature_cache_run_gives_metrics_and_is_reused_on_resume(shards, tmp_pat
     assert torch.equal(exported["blocks.0.attn.qkv.weight"], load_file(str(mae16))["blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.slow  # a whole training run
 def test_cache_made_for_other_settings_is_not_reused(shards, tmp_path, mae16, capsys):
     out = tmp_path / "run"
     argv = ["--checkpoint", str(mae16), "feature_cache=true", "optim.epochs=2", "optim.warmup_epochs=0"]

@@ -51,6 +51,7 @@ def scalars(run, tag):
     return {e.step: e.value for e in logs.Scalars(tag)}
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_stop_at_an_epochs_last_step_resumes_the_classifier_with_exactly_the_planned_steps(
         shards, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
@@ -68,6 +69,7 @@ def test_a_stop_at_an_epochs_last_step_resumes_the_classifier_with_exactly_the_p
     assert sorted(scalars(out, "train/loss")) == list(range(1, 9))  # every step once
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_stop_at_an_epochs_last_step_resumes_pretraining_with_exactly_the_planned_steps(
         shards, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
@@ -82,6 +84,7 @@ def test_a_stop_at_an_epochs_last_step_resumes_pretraining_with_exactly_the_plan
     assert read_state(RunDir(out).latest()).samples_seen == 3 * 64
 
 
+@pytest.mark.slow  # a whole training run
 def test_uneven_shards_the_run_takes_every_planned_step_and_the_lr_ends_at_min_lr(tmp_path):
     data = tmp_path / "uneven"
     index = write_shards(synthetic_samples(130, img_size=16), data, samples_per_shard=30, progress=False)
@@ -100,6 +103,7 @@ def test_uneven_shards_the_run_takes_every_planned_step_and_the_lr_ends_at_min_l
     assert sorted(scalars(out, "train/epoch").items())[-1] == (45, 3.0)
 
 
+@pytest.mark.slow  # a whole training run
 def test_resume_allows_changes_that_keep_the_weights_shapes_and_refuses_others(shards, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--output-dir", str(out), "--data", shards[0], *MAE, "data.batch_size=16", "optim.epochs=2"]
@@ -175,6 +179,7 @@ def test_a_failure_on_the_main_process_ends_every_process_at_once(shards, tmp_pa
     assert "No space left on device" in result.stderr and "the main process failed" in result.stderr
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_time_budget_fixes_the_steps_so_that_they_fit_the_measured_step_time(shards, tmp_path):
     out = tmp_path / "run"
     argv = ["--output-dir", str(out), "--data", shards[0], *MAE, "data.batch_size=16", "optim.epochs=10000",
