@@ -19,7 +19,8 @@ from mae_vit.config.cli import run_tool
 from mae_vit.data import ensure_demo_shards, eval_transform, make_loader
 from mae_vit.eval import knn_accuracy
 from mae_vit.models import create_model
-from mae_vit.train.build import build_model, find_run_config, model_config_from_run, user_set_keys
+from mae_vit.train.build import build_model
+from mae_vit.train.run_config import find_run_config, model_config_from_run, user_set_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "evaluate.py"

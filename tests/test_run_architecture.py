@@ -15,7 +15,7 @@ from mae_vit.errors import ConfigError
 from mae_vit.tasks.finetune import finetune
 from mae_vit.tasks.linprobe import linprobe
 from mae_vit.tasks.pretrain import pretrain
-from mae_vit.train.build import user_set_keys
+from mae_vit.train.run_config import user_set_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 # the run's architecture: none of it is the classifier tools' default (12 blocks of 192, 3 heads, 32 px)

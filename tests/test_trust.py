@@ -143,3 +143,17 @@ def test_tools_sweep_refuses_a_pipe_url_in_the_runs_config_yaml(tmp_path):
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert "--allow-shell" in done.stderr if "pipe" in route else "--allow-env" in done.stderr
         assert not marker.exists() and not (run / "sweep.json").exists()
+
+
+def test_a_runs_config_yaml_cannot_bring_an_environment_variable_into_a_tool_that_reads_its_architecture(
+        tmp_path, secret):
+    from mae_vit.config import EvaluateConfig
+    from mae_vit.train.run_config import model_config_from_run
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  name: mae_vit_tiny_patch4\n  depth: 2\n"
+                                     "  embed_dim: '${oc.env:MAE_VIT_SECRET}'\n")
+    cfg = parse_config(EvaluateConfig, ["--checkpoint", str(run)])
+    with pytest.raises(ConfigError, match=r"model.embed_dim.*\$\{oc.env:MAE_VIT_SECRET\}.*not written by a run") as e:
+        model_config_from_run(cfg.checkpoint, cfg)
+    assert secret not in str(e.value)

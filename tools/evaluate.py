@@ -22,7 +22,7 @@ from mae_vit.config.cli import run_tool
 def main(argv):
     cfg = parse_config(EvaluateConfig, argv, prog="evaluate.py")
     from mae_vit.apps.evaluate import evaluate
-    from mae_vit.train.build import user_set_keys  # after parsing: --help and config errors stay fast
+    from mae_vit.train.run_config import user_set_keys  # after parsing: --help and config errors stay fast
 
     return evaluate(cfg, user_keys=user_set_keys(cfg, argv))
 

@@ -20,7 +20,7 @@ from mae_vit.config.trust import allowed_flags
 def main(argv):
     cfg = parse_config(SweepConfig, argv, prog="sweep.py")
     from mae_vit.apps.sweep import sweep
-    from mae_vit.train.build import user_set_keys  # after parsing: --help and config errors stay fast
+    from mae_vit.train.run_config import user_set_keys  # after parsing: --help and config errors stay fast
 
     return sweep(cfg, user_keys=user_set_keys(cfg, argv), allowed=allowed_flags(argv))
 

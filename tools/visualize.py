@@ -20,7 +20,7 @@ from mae_vit.config.cli import run_tool
 def main(argv):
     cfg = parse_config(VisualizeConfig, argv, prog="visualize.py")
     from mae_vit.apps.visualize import visualize
-    from mae_vit.train.build import user_set_keys  # after parsing: --help and config errors stay fast
+    from mae_vit.train.run_config import user_set_keys  # after parsing: --help and config errors stay fast
 
     return visualize(cfg, user_keys=user_set_keys(cfg, argv))
 

@@ -35,9 +35,10 @@ from mae_vit.errors import CheckpointError, ConfigError, DataError
 from mae_vit.eval import classifier_metrics, extract_features, fewshot_linear, knn_accuracy
 from mae_vit.files import write_json
 from mae_vit.train.batches import transform_for
-from mae_vit.train.build import model_config_from_run, model_from_weights, resolve_data
+from mae_vit.train.build import model_from_weights, resolve_data
 from mae_vit.train.device import make_accelerator
 from mae_vit.train.monitor import setup_logging
+from mae_vit.train.run_config import model_config_from_run
 
 log = logging.getLogger("mae_vit")
 

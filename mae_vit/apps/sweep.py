@@ -26,9 +26,10 @@ from mae_vit.errors import ConfigError, DataError
 from mae_vit.eval import fewshot_linear, knn_accuracy
 from mae_vit.files import write_json
 from mae_vit.train.batches import transform_for
-from mae_vit.train.build import model_config_from_run, model_from_weights, resolve_data
+from mae_vit.train.build import model_from_weights, resolve_data
 from mae_vit.train.device import make_accelerator
 from mae_vit.train.monitor import on_main_process, setup_logging
+from mae_vit.train.run_config import model_config_from_run
 from mae_vit.train.rundir import RunDir, read_state
 from mae_vit.viz.io import save_figure
 

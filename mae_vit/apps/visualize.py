@@ -20,8 +20,9 @@ from omegaconf import DictConfig
 from mae_vit.checkpoint import read_file, to_state_dict
 from mae_vit.data import eval_transform, make_loader, read_index
 from mae_vit.errors import ConfigError, DataError
-from mae_vit.train.build import model_config_from_run, model_from_weights, resolve_data
+from mae_vit.train.build import model_from_weights, resolve_data
 from mae_vit.train.monitor import setup_logging
+from mae_vit.train.run_config import model_config_from_run
 from mae_vit.viz import write_all_figures
 
 log = logging.getLogger("mae_vit")

@@ -20,7 +20,7 @@ from mae_vit.data import ensure_demo_shards, expand_urls, read_index
 from mae_vit.errors import CheckpointError, ConfigError
 from mae_vit.models import create_model
 from mae_vit.train.optim import build_optimizer, param_groups
-from mae_vit.train.run_config import find_run_config, model_config_from_run, user_set_keys  # noqa: F401 (were here)
+from mae_vit.train.run_config import model_config_from_run, user_set_keys
 
 log = logging.getLogger("mae_vit")
 DEMO_IMG_SIZE = 32  # the synthetic demo images are drawn at 32 px; transforms resize them to the model's size

@@ -27,7 +27,7 @@ from mae_vit.config.paths import resolve_paths
 from mae_vit.config.schema import flat_dict
 from mae_vit.data.urls import expand_urls, is_remote, local_path
 from mae_vit.files import write_json
-from mae_vit.train.build import find_run_config
+from mae_vit.train.run_config import find_run_config
 
 LINEAGE_NAME = "lineage.json"
 PACKAGES = ("torch", "torchvision", "accelerate", "webdataset", "omegaconf", "safetensors")

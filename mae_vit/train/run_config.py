@@ -204,6 +204,7 @@ def merge_run_config(checkpoint: str | os.PathLike, cfg: DictConfig, *, user_key
     updates = [(f"model.{k}", v) for k, v in taken.items()
                if k in cfg.model and (model_keys is None or k in model_keys)]
     updates += [(f"data.{k}", data[k]) for k in data_keys if k in data and "data" in cfg]
+    _refuse_interpolations(updates, source)
     out, origin = copy.deepcopy(cfg), FromRun(str(checkpoint), source)
     for key, value in updates:
         if key in user_keys:
@@ -219,6 +220,17 @@ def merge_run_config(checkpoint: str | os.PathLike, cfg: DictConfig, *, user_key
         origin.taken[key] = value
     validate_config(out)
     return out, origin
+
+
+def _refuse_interpolations(updates: list[tuple[str, object]], source: str) -> None:
+    """A run writes its config.yaml resolved, so a `${...}` in what is taken from it was put there by hand: it could
+    copy an environment variable (`oc.env`) into this run. The trust rule (`config/trust.py`) refuses it."""
+    for key, value in updates:
+        if "${" in json.dumps(value):
+            raise ConfigError(f"the run config {source} has {key}={value!r}, an interpolation that a run does not "
+                              "write (runs save their settings resolved) and that could copy an environment "
+                              f"variable into this run: it is not written by a run, so it is refused. Set {key}=... "
+                              "on the command line, or fix that file.")
 
 
 def model_config_from_run(checkpoint: str | os.PathLike, cfg: DictConfig, *,
