@@ -4,6 +4,7 @@ import os
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
 from mae_vit.config import (
     EvaluateConfig,
@@ -95,7 +96,7 @@ def test_cli_values_are_yaml():
 
 def test_result_is_struct_mode():
     cfg = parse_config(PretrainConfig, [])
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigAttributeError, match="Key 'lrr' not in 'AdamWConfig'"):
         cfg.optim.lrr = 1.0
 
 
