@@ -268,3 +268,35 @@ def test_without_an_index_a_label_beyond_the_models_classes_is_skipped_and_count
     assert keys_of(batches) == all_keys[:4] and totals(batches) == (2, 0)
     images, labels = decode_all(urls, 3, labels=True, num_classes=4)
     assert images.shape[0] == 4 and labels.tolist() == [0, 1, 2, 3]
+
+
+def set_index_entry(folder, update):
+    import json
+
+    index = json.loads((folder / "shard-index.json").read_text())
+    update(index)
+    (folder / "shard-index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("count, words", [("abc", '"abc" as the sample count'), (None, "null as the sample count"),
+                                          (2.5, "2.5 as the sample count"), (-5, r"a negative sample count \(-5\)")])
+def test_an_index_count_that_is_not_a_whole_number_at_least_0_is_a_data_error(tmp_path, count, words):
+    urls, _ = make_set(tmp_path, [4, 4])
+    set_index_entry(tmp_path, lambda index: index["shards"].update({"shard-000001.tar": count}))
+    with pytest.raises(DataError, match=words):
+        read_index(urls)
+
+
+def test_an_index_count_larger_than_the_tar_could_hold_is_replaced_by_the_real_count(tmp_path, caplog):
+    urls, _ = make_set(tmp_path, [4, 4])
+    set_index_entry(tmp_path, lambda index: index["shards"].update({"shard-000000.tar": 10_000_000}))
+    assert list(read_index(urls)["shards"].values()) == [4, 4]
+    assert "lists 10000000 samples" in caplog.text and "using the 4 samples" in caplog.text
+
+
+def test_index_statistics_that_are_not_numbers_are_a_data_error(tmp_path):
+    urls, _ = make_set(tmp_path, [4])
+    stats = {"rgb": {"mean": ["abc", 0.5, 0.5], "std": [0.2, 0.2, 0.2]}, "grey": {"mean": [0.5], "std": [0.2]}}
+    set_index_entry(tmp_path, lambda index: index.update(stats=stats))
+    with pytest.raises(DataError, match="statistics"):
+        read_index(urls)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import re
 import tarfile
 from pathlib import Path
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")
 _SHARD_NAME_RE = re.compile(r"^(?P<prefix>.+)-\d+\.tar$")
+_TAR_BLOCK = 512  # every tar member starts with a header of this size
+_WARNED: set = set()  # (shard, count) of implausible index counts already reported
 _HOW_TO_MAKE = (
     "Make shards with `python tools/make_shards.py source=synthetic output_dir=DIR` (or source=fashion-mnist, or "
     "source=FOLDER_OF_IMAGES), then pass e.g. DIR/shard-{000000..000007}.tar or just DIR."
@@ -103,12 +106,54 @@ def _load_index(path: Path) -> dict | None:
         index = json.loads(path.read_text())
         if not isinstance(index.get("shards"), dict):
             raise ValueError("no 'shards' mapping")
-        return index
     except FileNotFoundError:
         return None
     except (OSError, ValueError, AttributeError) as exc:
         log.warning("ignoring unreadable shard index %s: %s", path, exc)
         return None
+    _check_stats(index.get("stats"), path)
+    return index
+
+
+def _index_error(path: Path, what: str) -> DataError:
+    return DataError(f"the shard index {path} {what}. It is damaged or was edited by hand: write the shards again with "
+                     "tools/make_shards.py, or delete the index (the samples are then counted from the tar headers).")
+
+
+def _check_stats(stats, path: Path) -> None:
+    """DataError unless the index's statistics (make_shards) are per-channel lists of finite numbers."""
+    if stats is None:
+        return
+    for name, channels in (("rgb", 3), ("grey", 1)):
+        part = stats.get(name) if isinstance(stats, dict) else None
+        for key in ("mean", "std"):
+            values = part.get(key) if isinstance(part, dict) else None
+            if not (isinstance(values, list) and len(values) == channels and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+                raise _index_error(path, f"has statistics whose {name} {key} is {values!r}, not {channels} number(s)")
+
+
+def _checked_count(count, shard: Path, index_path: Path) -> int:
+    """The index's sample count of `shard`: a whole number >= 0 (else DataError); one larger than the tar file
+    could hold (each sample takes a 512-byte tar header at least) is replaced by the count of its tar headers."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise _index_error(index_path, f"lists {json.dumps(count)} as the sample count of {shard.name}, not a whole "
+                                       "number")
+    if count < 0:
+        raise _index_error(index_path, f"lists a negative sample count ({count}) for {shard.name}")
+    try:
+        room = shard.stat().st_size // _TAR_BLOCK
+    except OSError:  # missing: the reader reports it
+        return count
+    if count <= room:
+        return count
+    real = count_tar_samples(shard)
+    if (shard, count) not in _WARNED:
+        _WARNED.add((shard, count))
+        log.warning("the shard index %s lists %d samples for %s, more than its %d bytes can hold; using the %d samples "
+                    "its tar headers hold. Write the shards again with tools/make_shards.py to mend the index.",
+                    index_path, count, shard.name, shard.stat().st_size, real)
+    return real
 
 
 def read_index(urls: str | list[str]) -> dict | None:
@@ -137,7 +182,7 @@ def read_index(urls: str | list[str]) -> dict | None:
         index = cache[index_path]
         if index is None or path.name not in index["shards"]:
             return None
-        counts[url] = int(index["shards"][path.name])
+        counts[url] = _checked_count(index["shards"][path.name], path, index_path)
     used = [index for index in cache.values() if index is not None]
     class_counts = [index.get("num_classes") for index in used]
     names = [index.get("class_names") for index in used]

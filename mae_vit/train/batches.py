@@ -216,15 +216,25 @@ def step_batches(data, plan: Plan) -> Iterator[list[dict]]:
     step = plan.first_step
     while True:
         epoch, done = divmod(step, plan.steps_per_epoch)
-        batches = _epoch_batches(data, epoch, skip=done * plan.accum)
+        batches = _epoch_batches(data, epoch, skip=done * plan.accum, planned=plan.steps_per_epoch * plan.accum)
         for _ in range(done, plan.steps_per_epoch):
             yield [next(batches) for _ in range(plan.accum)]
             step += 1
 
 
-def _epoch_batches(data, epoch: int, skip: int) -> Iterator[dict]:
-    """This process's batches of `epoch` after the first `skip`; then its share again, as long as needed."""
-    yield from data.batches(epoch, skip)
+def _epoch_batches(data, epoch: int, skip: int, planned: int) -> Iterator[dict]:
+    """This process's batches of `epoch` after the first `skip`; then its share again, as long as needed.
+    DataError when the share holds less than half of the `planned` batches: the plan was wrong, not a few samples."""
+    got = skip
+    for batch in data.batches(epoch, skip):
+        got += 1
+        yield batch
+    if got < planned / 2:
+        raise DataError(
+            f"epoch {epoch}: this process's share of the training data gave {got} of the {planned} batches the plan "
+            "counts on (from the shard index, else the tar headers): the index overstates the samples, or most of "
+            "them are unreadable (see the warnings above). Write the shards again with tools/make_shards.py, or check "
+            "the data.")
     log.warning("epoch %d: this process's share of the data ran out before the planned end of the epoch (unreadable "
                 "samples, uneven shards or a resume with another layout); reading it again from the start so that "
                 "every process takes the same number of steps", epoch)
