@@ -165,3 +165,12 @@ def test_a_class_folder_named_like_a_split_is_a_class(tmp_path):
             Image.new("RGB", (8, 8)).save(split / part / "cat" / f"{i}.png")
     index, _ = make_shards(str(split), tmp_path.parent / "out_split", split="val", progress=False)
     assert index["num_samples"] == 2  # train/ + val/ only: the split layout
+
+
+def test_an_output_folder_inside_the_source_folder_is_refused_before_anything_is_written(tmp_path):
+    for cls in ("cat", "dog"):
+        for i in range(2):
+            save(tmp_path / "imgs" / cls / f"{i}.png", Image.new("RGB", (8, 8), (i * 90, 0, 0)), "PNG")
+    with pytest.raises(DataError, match="inside the source folder"):
+        make_shards(str(tmp_path / "imgs"), tmp_path / "imgs" / "shards", progress=False)
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["cat", "dog"]

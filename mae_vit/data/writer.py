@@ -283,6 +283,12 @@ def make_shards(source: str, output_dir: str | Path, *, split: str = "train", nu
 
     `write_options` go to `write_shards` (prefix, samples_per_shard, max_shard_bytes, overwrite, progress).
     """
+    folder, out = Path(source).expanduser().resolve(), Path(output_dir).expanduser().resolve()
+    named = source == "synthetic" or source.startswith("fashion-mnist")  # not folders (see open_source)
+    if not named and folder.is_dir() and (out == folder or folder in out.parents):
+        raise DataError(f"the output folder {output_dir} lies inside the source folder {source}: its shards would be "
+                        "read back as images (a class of their own) on the next run. Choose an output folder outside "
+                        "the source.")
     resolved = open_source(
         source, split=split, num_samples=num_samples, num_classes=num_classes, img_size=img_size, seed=seed
     )
