@@ -196,3 +196,15 @@ def test_a_run_directory_given_as_checkpoint_falls_back_to_the_newest_whole_chec
         save(run, step)
     (run.checkpoints / "step_0000008" / "model.safetensors").write_bytes(b"w" * 10)  # truncated
     assert weights_in_run_dir(tmp_path) == run.checkpoints / "step_0000004" / "model.safetensors"
+
+
+def test_a_resume_with_another_time_budget_says_the_fixed_schedule_is_kept(tmp_path, caplog):
+    caplog.set_level("INFO", logger="mae_vit")
+    run = RunDir(tmp_path)
+    run.save_config(cfg(tmp_path, "optim.time_budget=1h"))
+    state = TrainState(step=40, samples_seen=640, budget={"seconds": 3600, "step_s": 0.5, "steps": 7000})
+    save_checkpoint(FakeAccelerator(), run, state, 2)
+    run.check_resumable(cfg(tmp_path, "optim.time_budget=2h"))
+    assert "optim.time_budget 1h -> 2h" in caplog.text
+    assert "the schedule fixed by the first start is kept" in caplog.text
+    assert "7000 steps in all" in caplog.text

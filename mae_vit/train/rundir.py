@@ -201,6 +201,12 @@ class RunDir:
         if changed:
             log.info("changed since the checkpoint: %s",
                      ", ".join(f"{k} {_text(a)} -> {_text(b)}" for k, a, b in changed))
+        fixed = (read_state(self.latest()).budget or {}) if self.latest() else {}
+        if fixed.get("steps") and any(k == "optim.time_budget" for k, _, _ in changed):
+            log.warning("optim.time_budget changed, but the schedule fixed by the first start is kept (%d steps in "
+                        "all, measured for its budget): a resumed run never re-plans. To plan for the new budget, "
+                        "start over (train.resume=false train.overwrite=true) or use another --output-dir.",
+                        fixed["steps"])
 
     def save_config(self, cfg: DictConfig) -> None:
         self.record_names()
