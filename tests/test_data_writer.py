@@ -270,3 +270,9 @@ def test_the_index_records_the_statistics_the_reader_will_see_as_numpy_computes_
     assert stats["sizes"] == {"5x6": 4, "5x4": 1}
     from mae_vit.data import read_index
     assert read_index(shard_urls(tmp_path / "s", "shard", 1))["stats"] == stats  # what the training tools read
+
+
+def test_an_output_dir_that_cannot_be_made_is_a_data_error(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(DataError, match="cannot be made"):
+        write_shards(synthetic_samples(2, img_size=8), tmp_path / "a_file" / "shards", progress=False)

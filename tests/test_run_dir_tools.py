@@ -105,3 +105,14 @@ def test_labels_beyond_the_model_in_shards_without_an_index_are_skipped_and_coun
         assert "16 of the 64 samples were unreadable" in result.stderr and skipped == 0
     else:  # counted as they pass (the epoch reads its share again to fill the planned steps)
         assert skipped >= 16
+
+
+def test_an_onnx_output_that_is_a_folder_is_refused_and_nothing_lands_beside_it(tmp_path):
+    from mae_vit.errors import UserError
+    from mae_vit.export.onnx import export_onnx
+    from mae_vit.models import create_model
+
+    (tmp_path / "out.onnx").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        export_onnx(create_model("vit_tiny_patch4", img_size=16, depth=1, num_classes=3), tmp_path / "out.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"] and not any((tmp_path / "out.onnx").iterdir())

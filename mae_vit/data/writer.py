@@ -204,7 +204,13 @@ def _prepare_output_dir(output_dir: Path, prefix: str, overwrite: bool) -> None:
     interrupted write of it is there; remove the temporary files of killed writers."""
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(f"output_dir {output_dir} exists and is not a folder. Choose another output_dir.")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise PermissionError("not writable for this user")
+    except OSError as exc:
+        raise DataError(f"output_dir {output_dir} cannot be made or written ({exc.strerror or exc}). Choose another "
+                        "output_dir.") from None
     _remove_dead_writers_files(output_dir, prefix)
     existing = _existing_targets(output_dir, prefix)
     if incomplete_marker(output_dir, prefix).exists():
