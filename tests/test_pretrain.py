@@ -41,6 +41,7 @@ def run_tool(argv, timeout=240, **kw):
     return subprocess.run([sys.executable, TOOL, *argv], capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 
+@pytest.mark.slow  # a whole training run
 def test_short_run_loss_falls_and_leaves_everything(tmp_path, shards):
     from mae_vit.tasks.pretrain import pretrain
 
@@ -165,6 +166,7 @@ def test_config_errors_exit_2_and_write_nothing(tmp_path, shards):
     assert not out.exists()
 
 
+@pytest.mark.slow  # a whole training run
 def test_resume_false_refuses_existing_run_unless_overwrite(tmp_path, shards):
     from mae_vit.tasks.pretrain import pretrain
 
@@ -224,6 +226,7 @@ def test_sigterm_saves_a_checkpoint_at_once_and_exits_75(tmp_path, shards):
     assert not (out / "model.safetensors").exists()  # stopped, not finished
 
 
+@pytest.mark.slow  # a whole training run
 def test_encoder_check_compares_with_the_runs_own_initial_weights_on_the_validation_split(tmp_path, shards,
                                                                                           monkeypatch):
     """The last lines of a run compare kNN on data.val of the trained encoder and of its step-0 weights."""
