@@ -166,8 +166,8 @@ def test_meter_and_extract_features_across_two_accelerate_processes():
     # accelerate's debug_launcher forks; forking a process whose torch thread pools are already running
     # (as pytest's is after earlier tests) can deadlock, so launch from a fresh interpreter with a timeout.
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import test_eval; "
-        "from accelerate import debug_launcher; debug_launcher(test_eval._distributed_worker, num_processes=2)"
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_eval_metrics; "
+        "from accelerate import debug_launcher; debug_launcher(test_eval_metrics._distributed_worker, num_processes=2)"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
