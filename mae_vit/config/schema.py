@@ -33,6 +33,8 @@ POSITIVE_OR_NULL = _range(lambda v: v is None or v > 0, "a positive integer or n
 AT_LEAST_0 = _range(lambda v: v >= 0, "0 or more")
 UNIT = _range(lambda v: 0 <= v < 1, "in [0, 1)")
 NAME = _range(lambda v: re.fullmatch(r"[\w.-]+", v) is not None, "a name of letters, digits, '_', '-' or '.'")
+DURATION = _range(lambda v: re.fullmatch(r"\d+(\.\d+)?[smhd]", str(v)) is not None and float(str(v)[:-1]) > 0,
+                  "a duration such as 90s, 45m, 36h or 2d")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # what the transforms take (data/transforms.py)
 
 
@@ -225,6 +227,9 @@ class TrainConfig:
     log_every: int = key(10, "optimizer steps between log lines", POSITIVE)
     nan_retries: int = key(2, "after a NaN / infinite loss: reload the last checkpoint, skip the data that diverged, "
                            "go on; this many times per run, then stop with the error", AT_LEAST_0)
+    collective_timeout: str = key("30m", "how long a process waits in a collective (all-reduce, barrier) for the "
+                                  "others before it fails: main-process-only work (a big checkpoint on slow storage) "
+                                  "must fit in it", DURATION)
 
 
 @dataclass

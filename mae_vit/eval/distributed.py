@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from mae_vit.errors import StoppedBySignal
+
 
 def sum_across_processes(accelerator, values: list[float]) -> list[float]:
     """Element-wise sum of a list of numbers over all processes (float64, so counts stay exact)."""
@@ -17,6 +19,14 @@ def sum_across_processes(accelerator, values: list[float]) -> list[float]:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
     return accelerator.reduce(t, reduction="sum").cpu().tolist()
+
+
+def stop_if_asked(accelerator, should_stop, stopped: bool, what: str) -> None:
+    """After a loop over batches that asked `should_stop()` before each (`stopped`: this process broke off): every
+    process hears whether any stopped (one collective, only when `should_stop` was given), and all raise
+    `StoppedBySignal` if one did. Shares differ in length, so the loops themselves cannot agree batch by batch."""
+    if should_stop is not None and sum_across_processes(accelerator, [float(stopped)])[0] > 0:
+        raise StoppedBySignal(f"a stop signal arrived during {what}, which stopped unfinished")
 
 
 def gather_rows(accelerator, x: torch.Tensor, on_device: bool = False) -> torch.Tensor:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from mae_vit.errors import DataError
-from mae_vit.eval.distributed import gather_rows
+from mae_vit.eval.distributed import gather_rows, stop_if_asked
 
 
 def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +31,7 @@ def extract_features(
     *,
     device: torch.device | str | None = None,
     on_device: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `model_fn` to every batch's inputs; return all features (N, D) float32 and labels (N,) int64, on CPU.
 
@@ -45,11 +46,16 @@ def extract_features(
     whole data set, each sample once; shares may differ in size, and a rank may have no batch at all.
     With `on_device` the features stay on the device (gathered there): no host memory per process for
     the whole set, and the kNN that follows runs on the training device.
+    `should_stop` (a pre-emption flag) is asked before every batch: once it says yes, this process reads no
+    more and every process raises `StoppedBySignal` at the end (`stop_if_asked`).
     """
     if device is None and accelerator is not None:
         device = accelerator.device
-    feats, labels = [], []
+    feats, labels, stopped = [], [], False
     for batch in loader:
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
         x, y = _split_batch(batch)
         if device is not None:
             x = x.to(device, non_blocking=True)
@@ -61,6 +67,7 @@ def extract_features(
         labels.append(y.detach().long() if on_device else y.detach().long().cpu())
     feats_t = torch.cat(feats) if feats else torch.zeros(0, 0)  # (n, D)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)  # (n,)
+    stop_if_asked(accelerator, should_stop, stopped, "feature extraction")
     if accelerator is not None:
         feats_t, labels_t = gather_rows(accelerator, feats_t, on_device), gather_rows(accelerator, labels_t, on_device)
     if feats_t.shape[0] == 0:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mae_vit.errors import DataError
-from mae_vit.eval.distributed import sum_across_processes
+from mae_vit.eval.distributed import stop_if_asked, sum_across_processes
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
@@ -160,17 +160,20 @@ class ClassificationMeter:
 
 
 @torch.no_grad()
-def classifier_metrics(model: torch.nn.Module, batches, accelerator) -> dict:
+def classifier_metrics(model: torch.nn.Module, batches, accelerator, should_stop=None) -> dict:
     """{"top1", "top5", "loss", "n"} of a classifier over this process's share of the evaluation batches.
 
     Shares may differ in length, so the (unwrapped) model runs with no collective per batch and the
     totals are summed over processes once at the end; every process must call this. The model is
-    switched to eval mode for the pass and back afterwards.
+    switched to eval mode for the pass and back afterwards. `should_stop`: as in `extract_features`.
     """
     was_training = model.training
     model.eval()
-    meter = ClassificationMeter()
+    meter, stopped = ClassificationMeter(), False
     for batch in batches:
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
         images = batch["image"].to(accelerator.device, non_blocking=True)
         labels = batch["label"].to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
@@ -178,4 +181,5 @@ def classifier_metrics(model: torch.nn.Module, batches, accelerator) -> dict:
         check_label_range(labels, logits.shape[1], "validation")
         meter.update(logits, labels, F.cross_entropy(logits, labels, reduction="none"))
     model.train(was_training)
+    stop_if_asked(accelerator, should_stop, stopped, "an evaluation")
     return meter.reduced(accelerator).compute()

@@ -31,7 +31,7 @@ from mae_vit.files import write_json
 from mae_vit.train.batches import ShardBatches, transform_for
 from mae_vit.train.build import resolve_data
 from mae_vit.train.loop import Task
-from mae_vit.train.monitor import on_main_process
+from mae_vit.train.monitor import on_main_process, stop_requested
 from mae_vit.train.run_config import run_metadata
 from mae_vit.train.rundir import RunDir, TrainState
 
@@ -119,7 +119,7 @@ class ClassifierTask(Task):
             self.validate(state)  # sets state.last_eval: the loop saves a checkpoint after it
 
     def validate(self, state: TrainState) -> dict:
-        metrics = classifier_metrics(self.model, self.val.batches(), self.accelerator)
+        metrics = classifier_metrics(self.model, self.val.batches(), self.accelerator, stop_requested)
         metrics.update(epoch=round(state.samples_seen / state.samples_per_epoch, 4), step=state.step)
         bad = nonfinite_tensors(self.classifier.state_dict())
         if bad:  # the same weights on every process: all of them stop here, before anything is exported

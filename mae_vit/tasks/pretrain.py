@@ -23,7 +23,7 @@ from mae_vit.tasks.online_probe import OnlineProbe, ProbeClassifier, probe_param
 from mae_vit.train.batches import ShardBatches, train_batches, transform_for
 from mae_vit.train.build import build_adamw, build_model, resolve_data
 from mae_vit.train.loop import Task, train
-from mae_vit.train.monitor import on_main_process
+from mae_vit.train.monitor import on_main_process, stop_requested
 from mae_vit.train.run_config import run_metadata
 from mae_vit.train.rundir import SWEEP_FILES, RunDir, TrainState
 from mae_vit.viz.io import save_png
@@ -103,7 +103,7 @@ class Pretrain(Task):
             val = ShardBatches(self.val_urls, cfg, transform_for(cfg, "eval"), accelerator=self.accelerator,
                                train=False)
             probe = ProbeClassifier(self.probe, cfg.model.mask_ratio)
-            self.probe_top1 = classifier_metrics(probe, val.batches(), self.accelerator)["top1"]
+            self.probe_top1 = classifier_metrics(probe, val.batches(), self.accelerator, stop_requested)["top1"]
             self.accelerator.log({"val/online_probe_top1": self.probe_top1}, step=step)
             log.info("epoch %d: online probe top-1 %.2f%% on the validation split (its training cross-entropy %.3f; "
                      "chance: %.3f)", epoch, self.probe_top1, self.probe_loss,
@@ -141,12 +141,14 @@ def _fmt(x) -> str:
     return "?" if x is None else f"{x:.4f}"
 
 
-def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictConfig) -> float:
+def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictConfig,
+                should_stop=stop_requested) -> float:
     """kNN top-1 (%) of the encoder's class-token features: labelled train shards as the memory bank.
 
     Every process encodes its share of both sets (eval transform, no masking); the features are
     gathered once on the device, so that each process holds all of them there, and each process scores
     its share of the validation features with the weighted kNN.
+    A stop signal breaks it off (`should_stop`, the run's pre-emption flag): `StoppedBySignal` on every process.
     """
     m, d = cfg.model, cfg.data
     tf = transform_for(cfg, "eval")
@@ -157,12 +159,14 @@ def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictCon
                              with_labels=True, in_chans=m.in_chans, drop_last=False)
         with accelerator.autocast():
             return extract_features(lambda x: model.forward_features(x)[:, 0].float(), loader, accelerator,
-                                    on_device=True)
+                                    on_device=True, should_stop=should_stop)
 
     was_training = model.training
     model.eval()
-    (train_f, train_y), (val_f, val_y) = features(train_urls), features(val_urls)
-    model.train(was_training)
+    try:
+        (train_f, train_y), (val_f, val_y) = features(train_urls), features(val_urls)
+    finally:
+        model.train(was_training)
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     return knn_accuracy(train_f, train_y, val_f, val_y, accelerator, num_classes=num_classes, k=cfg.knn.k,
                         temperature=cfg.knn.temperature)

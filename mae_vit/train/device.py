@@ -14,12 +14,13 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import SCALER_NAME, ProjectConfiguration
+from accelerate.utils import SCALER_NAME, InitProcessGroupKwargs, ProjectConfiguration
 
 from mae_vit.config.schema import TRACKERS
 from mae_vit.errors import ConfigError
@@ -65,9 +66,10 @@ def auto_precision() -> str:
 
 
 def make_accelerator(output_dir: str, mixed_precision: str = "no", tf32: bool = True,
-                     trackers: Sequence[str] = ("tensorboard",)) -> Accelerator:
+                     trackers: Sequence[str] = ("tensorboard",), collective_timeout: float = 1800.0) -> Accelerator:
     """The run's Accelerator: mixed_precision "auto" as `auto_precision` picks it; `tf32`
-    for fp32 matmuls on a GPU; `trackers` (train.trackers) are Accelerate's `log_with`, each checked first."""
+    for fp32 matmuls on a GPU; `trackers` (train.trackers) are Accelerate's `log_with`, each checked first;
+    `collective_timeout` (seconds, train.collective_timeout): how long a collective waits for the other processes."""
     missing = [t for t in trackers if importlib.util.find_spec(TRACKERS[t]) is None]
     if missing:
         packages = [TRACKERS[t] for t in missing]
@@ -87,7 +89,8 @@ def make_accelerator(output_dir: str, mixed_precision: str = "no", tf32: bool = 
     # cpu=True without CUDA: processes started by `accelerate launch --multi_gpu` or torchrun on a machine
     # without GPUs then form a gloo (MULTI_CPU) group instead of each running alone.
     return Accelerator(mixed_precision=mixed_precision, log_with=list(trackers), project_config=project,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))])
 
 
 def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:

@@ -9,10 +9,12 @@ the same number of samples (`Plan`, `step_batches`). Per step, in order:
        -> log (every train.log_every) -> task.after_step (epoch-end evaluation, pictures)
        -> checkpoint (every train.save_every, after an evaluation, at an epoch end when the task asks)
        -> stop on SIGTERM / SIGUSR1
-          (after a checkpoint; `StoppedBySignal`, exit status 75: re-run to resume)
+          (after a checkpoint and stopped.json; `StoppedBySignal`, exit status 75: re-run to resume)
 
-The loop never syncs the host per step: loss sums and the non-finite check stay on the device until
-a logging step (`monitor.py`). Checkpoints and the start-or-resume decision are `rundir.py`.
+Evaluations and the final checks break off on such a signal too (`stop_if_asked`). The loop never syncs
+the host per step: loss sums and the non-finite check stay on the device until a logging step
+(`monitor.py`). Checkpoints are `rundir.py`; how a run starts on every process (the main process
+decides whether and where to resume, all check they see its directory, seed + rank) is `start.py`.
 """
 
 from __future__ import annotations
@@ -25,19 +27,18 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mae_vit.errors import NonFiniteLossError, StoppedBySignal
-from mae_vit.files import write_json
 from mae_vit.train.batches import step_batches
-from mae_vit.train.build import shard_stats
 from mae_vit.train.device import compiled, load_state, make_accelerator
-from mae_vit.train.lineage import LINEAGE_NAME, lineage, note_resume
-from mae_vit.train.monitor import NonFiniteGuard, StopSignal, TrainMeter, on_main_process, setup_logging
+from mae_vit.train.monitor import NonFiniteGuard, StopSignal, TrainMeter, setup_logging
 from mae_vit.train.optim import set_lr
 from mae_vit.train.rundir import RunDir, TrainState, read_state, save_checkpoint
 from mae_vit.train.schedule import Plan, budget_steps, make_plan, seconds
+from mae_vit.train.start import STOPPED_NAME, begin, check_same_run_dir, main_decides, write_stopped
 
 log = logging.getLogger("mae_vit")
 # With several processes, agreeing to stop is a collective: every few steps, not every step. Launchers and
@@ -86,35 +87,66 @@ def train(cfg: DictConfig, task: Task) -> dict:
     """Run (or resume) `task` as configured; returns its summary."""
     started, t = time.perf_counter(), cfg.train
     run = RunDir(t.output_dir, outputs=task.outputs)
-    resuming = t.resume and run.latest() is not None
-    task.check(resuming)
-    accelerator = make_accelerator(str(run.path), t.mixed_precision, t.tf32, t.trackers)
-    setup_logging(accelerator.is_main_process)
-    torch.manual_seed(t.seed)  # the same initial weights on every process
-    model = task.build_model(accelerator, resuming)
-    resume_from = run.prepare(cfg, is_main=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    stop = StopSignal()  # from now on SIGTERM / SIGUSR1 stop the run cleanly
+    try:
+        accelerator = make_accelerator(str(run.path), t.mixed_precision, t.tf32, t.trackers,
+                                       collective_timeout=seconds(t.collective_timeout))
+        setup_logging(accelerator.is_main_process)
+        # The main process decides, once, for all: each process reading the directory itself could disagree.
+        resuming = main_decides(accelerator, lambda: _will_resume(run, t.resume))
+        task.check(resuming)
+        check_same_run_dir(run, accelerator)
+        torch.manual_seed(t.seed)  # the same initial weights on every process
+        model = task.build_model(accelerator, resuming)
+        set_seed(t.seed, device_specific=True)  # then a stream per process (masks, drop path, mixing): seed + rank
+        resume_from = main_decides(accelerator, lambda: _prepare(run, cfg))
+        return _train(cfg, task, accelerator, model, run, resume_from, started, stop)
+    finally:
+        stop.restore()
+
+
+def _will_resume(run: RunDir, resume: bool) -> bool:
+    """The main process: tidy what a kill left among the checkpoints, then whether a complete one is resumed."""
+    run.recover()
+    return resume and run.latest() is not None
+
+
+def _prepare(run: RunDir, cfg: DictConfig) -> Path | None:
+    """The main process: the checkpoint to resume from, or None (a fresh start); an earlier stop is forgotten."""
+    resume_from = run.prepare(cfg, is_main=True)
+    (run.path / STOPPED_NAME).unlink(missing_ok=True)
+    return resume_from
+
+
+def _train(cfg: DictConfig, task: Task, accelerator, model, run: RunDir, resume_from, started, stop) -> dict:
+    t = cfg.train
     model, optimizer = accelerator.prepare(model, task.build_optimizer(model))
     state = TrainState()
     if resume_from is not None:
-        load_state(accelerator, resume_from)
+        load_state(accelerator, resume_from)  # with each process's own random state
         state = read_state(resume_from)
     data = task.build_data(run, resumed=resume_from is not None)
     plan = make_plan(cfg.optim, batch_size=cfg.data.batch_size, world_size=accelerator.num_processes,
                      max_steps=t.max_steps, samples_per_epoch=state.samples_per_epoch,
                      samples_seen=state.samples_seen, batches_per_epoch=lambda: data.batches_per_epoch(0),
                      total_steps=state.budget and state.budget["steps"])
-    _start(cfg, plan, state, accelerator, resume_from, run, task)
+    begin(cfg, plan, state, accelerator, resume_from, run, task)
     # The steps run the compiled model (train.compile); checkpoints and evaluations use `model`, same parameters.
     loop = Loop(cfg, task, accelerator, compiled(model, t.compile), optimizer, plan, state, run,
-                last_ckpt=resume_from, started=started)  # a time budget counts from `started`
+                last_ckpt=resume_from, started=started, stop=stop)  # a time budget counts from `started`
     if run_recovering(loop, data, retries=t.nan_retries):
         accelerator.end_training()
-        raise StoppedBySignal(f"a stop signal (SIGTERM / SIGUSR1) arrived; the run saved its checkpoint at step "
+        raise StoppedBySignal(f"{stop.reason} arrived; the run saved its checkpoint at step "
                               f"{state.step} ({loop.last_ckpt}). Run the same command again to resume.")
     if loop.saved_step != state.step:
         loop.save()
-    summary = task.finish(state)
+    try:
+        summary = task.finish(state)
+    except StoppedBySignal:  # every process broke off a final check (`stop_if_asked`)
+        write_stopped(accelerator, run, state, loop.last_ckpt, f"{stop.reason} during the final export and checks")
+        accelerator.end_training()
+        raise StoppedBySignal(f"{stop.reason} arrived during the final export and checks; every step "
+                              f"is saved ({loop.last_ckpt}). Run the same command again to finish them.") from None
     accelerator.end_training()
     return {**summary, "checkpoint": str(loop.last_ckpt), "resumed_from": resume_from and str(resume_from)}
 
@@ -135,56 +167,11 @@ def run_recovering(loop: "Loop", data, retries: int) -> bool:
             loop.rewind(loop.last_ckpt, error.step)
 
 
-def _start(cfg: DictConfig, plan: Plan, state: TrainState, accelerator, resume_from, run: RunDir, task: Task) -> None:
-    """Fix the run's epoch on a fresh start, note a new process layout, save the config, say what runs."""
-    d, world = cfg.data, accelerator.num_processes
-    layout = {"processes": world, "batch_size": d.batch_size, "accumulation": plan.accum, "num_workers": d.num_workers}
-    if resume_from is None:
-        state.samples_per_epoch = plan.steps_per_epoch * plan.effective_batch
-        log.info("starting a new run in %s", run.path)
-        record = lineage(cfg, task.name, task.parent, {"train": task.train_urls, "val": task.val_urls})
-        on_main_process(accelerator, lambda: write_json(run.path / LINEAGE_NAME, record))
-    else:
-        log.info("resuming from %s (step %d, epoch %d, %d samples seen)", resume_from, state.step, state.epoch,
-                 state.samples_seen)
-        on_main_process(accelerator, lambda: note_resume(run.path, cfg, state.step))  # lineage.json: changes now
-        if state.layout and state.layout != layout and state.samples_seen % state.samples_per_epoch:
-            log.warning("the process layout changed since the checkpoint (%s -> %s): the epoch goes on after the same "
-                        "number of samples, but not exactly with the samples the old layout had left",
-                        state.layout, layout)
-    state.step, state.layout = plan.first_step, layout
-    on_main_process(accelerator, lambda: run.save_config(cfg))
-    _mention_data_stats(cfg, task.train_urls if cfg.data.train is not None else None)
-    accelerator.init_trackers("logs")
-    log.info("%d process(es) x batch %d x %d accumulation = effective batch %d, peak lr %.3g, %d steps/epoch, %d steps "
-             "in all", world, d.batch_size, plan.accum, plan.effective_batch, plan.peak_lr, plan.steps_per_epoch,
-             plan.total_steps)
-    log.info("precision: %s%s", {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}.get(
-        accelerator.mixed_precision, accelerator.mixed_precision), " (train.mixed_precision=auto: bf16 is fast on this "
-             "device)" if cfg.train.mixed_precision == "auto" and accelerator.mixed_precision == "bf16" else "")
-
-
-def _mention_data_stats(cfg: DictConfig, urls: str | None) -> None:
-    """Say which normalisation the run uses, and when the shards' own statistics (make_shards records them)
-    differ from the data.mean / data.std it was given."""
-    d = cfg.data
-    own = shard_stats(urls, cfg.model.in_chans)
-    if own and all(abs(a - b) < 1e-6 for a, b in zip([*own["mean"], *own["std"]], [*d.mean, *d.std])):
-        log.info("normalising with the training shards' own statistics: data.mean %s, data.std %s", list(d.mean),
-                 list(d.std))
-    elif own and any(abs(a - b) > 0.01 for a, b in zip([*own["mean"], *own["std"]], [*d.mean, *d.std])):
-        log.info("the training shards' own statistics are mean %s std %s (data.mean %s, data.std %s are used); to "
-                 "normalise with them: data.mean=%s data.std=%s", own["mean"], own["std"], list(d.mean),
-                 list(d.std), own["mean"], own["std"])
-    else:
-        log.info("normalising with data.mean %s, data.std %s", list(d.mean), list(d.std))
-
-
 class Loop:
     """The state of one training loop: `run` is the loop; `save`, `log` and `fit_budget` are what it calls."""
 
     def __init__(self, cfg, task, accelerator, model, optimizer, plan: Plan, state: TrainState, run: RunDir,
-                 last_ckpt, started: float):
+                 last_ckpt, started: float, stop: StopSignal):
         self.t, self.clip_grad = cfg.train, cfg.optim.clip_grad
         self.budget = seconds(cfg.optim.time_budget) if cfg.optim.time_budget else None
         self.budget_text = cfg.optim.time_budget
@@ -192,14 +179,13 @@ class Loop:
         self.plan, self.state, self.run_dir = plan, state, run
         self.last_ckpt, self.saved_step = last_ckpt, (state.step if last_ckpt else None)
         self.guard, self.meter = NonFiniteGuard(accelerator.device), TrainMeter(accelerator.device)
-        self.started = started
+        self.started, self.stop = started, stop
 
     def run(self, data) -> bool:
         """Train from `plan.first_step` to `plan.last_step`; True when stopped early by a signal."""
-        a, t, state = self.accelerator, self.t, self.state
+        a, t, state, stop = self.accelerator, self.t, self.state, self.stop
         if self.plan.first_step >= self.plan.last_step:
             return False
-        stop = StopSignal()
         bar = tqdm(total=self.plan.last_step, initial=self.plan.first_step, desc=self.task.name, unit="step",
                    dynamic_ncols=True, disable=None if a.is_main_process else True)
         self.model.train()
@@ -214,20 +200,28 @@ class Loop:
                 last, epoch_end = step == self.plan.last_step, step % self.plan.steps_per_epoch == 0
                 if step % t.log_every == 0 or last:
                     self.log(lr, bar)
-                self.task.after_step(step, state, epoch_end=epoch_end, last=last)
+                try:
+                    self.task.after_step(step, state, epoch_end=epoch_end, last=last)
+                except StoppedBySignal:  # every process broke off an evaluation (`stop_if_asked`)
+                    return self.stop_here(f"{stop.reason} during the evaluation after step {step}")
                 evaluated = state.last_eval is not None and state.last_eval.get("step") == step
                 if step % t.save_every == 0 or evaluated or (epoch_end and self.task.save_at_epoch_end):
                     self.save()
                 if (a.num_processes == 1 or step % STOP_CHECK_EVERY == 0 or step % t.log_every == 0) and stop.agreed(a):
-                    log.info("stop signal received: saving a checkpoint at step %d and stopping", step)
-                    if self.saved_step != step:
-                        self.save()
-                    return True
+                    return self.stop_here(stop.reason)
                 if step >= self.plan.last_step:
                     return False
                 tick = time.perf_counter()
         finally:
             bar.close()
+
+    def stop_here(self, reason: str) -> bool:
+        """A stop signal: save the state now (unless saved at this step), say where in stopped.json."""
+        log.info("stop signal received (%s): saving a checkpoint at step %d and stopping", reason, self.state.step)
+        if self.saved_step != self.state.step:
+            self.save()
+        write_stopped(self.accelerator, self.run_dir, self.state, self.last_ckpt, reason)
+        return True
 
     def step(self, step: int, micro_batches: list[dict]) -> float:
         """One optimizer step: lr, the micro-batches (gradients all-reduced on the last only), clip, update."""
@@ -264,9 +258,11 @@ class Loop:
         if step - self.plan.first_step == 2:
             self.timer = now
             return
-        measured = torch.tensor((now - self.timer) / MEASURED_STEPS, device=self.accelerator.device)
-        step_s = float(self.accelerator.reduce(measured, reduction="max"))  # the slowest process sets the pace
-        total = max(budget_steps(self.budget, now - self.started, step, step_s), step)
+        measured = torch.tensor([(now - self.timer) / MEASURED_STEPS, now - self.started],
+                                device=self.accelerator.device)
+        # One total for all: the slowest process sets the pace, the one that started first the time spent
+        step_s, elapsed = self.accelerator.reduce(measured, reduction="max").tolist()
+        total = max(budget_steps(self.budget, elapsed, step, step_s), step)
         self.state.budget = {"seconds": self.budget, "step_s": step_s, "steps": total}
         self.plan = dataclasses.replace(self.plan, total_steps=total, last_step=min(total, self.t.max_steps or total),
                                         warmup_steps=min(self.plan.warmup_steps, total))

@@ -39,7 +39,8 @@ class NonFiniteGuard:
         first = accelerator.reduce(self.first_bad.clone(), reduction="max")
         if int(first) >= 0:
             self.first_bad.fill_(-1)  # reported once; a recovered run starts clean
-            where = f"the last good checkpoint, untouched, is {last_good}" if last_good else "no checkpoint had been written yet"
+            where = (f"the last good checkpoint, untouched, is {last_good}" if last_good else
+                     "no checkpoint had been written yet")
             raise NonFiniteLossError(
                 f"the loss became NaN or infinite at optimizer step {int(first)}; the run stopped and {where}. "
                 "Common fixes: a lower learning rate (optim.base_lr), gradient clipping (optim.clip_grad=1.0), "
@@ -49,19 +50,34 @@ class NonFiniteGuard:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (cluster pre-emption) ask the loop to save a checkpoint and stop cleanly."""
+    """SIGTERM / SIGUSR1 (cluster pre-emption) ask the run to save a checkpoint and stop cleanly.
+
+    One per run (`restore` puts the earlier handlers back at its end). The loop agrees on the stop between
+    steps (`agreed`); evaluation and feature loops check `stop_requested()` between batches.
+    """
 
     def __init__(self):
-        self.requested = False
+        _stop["signal"] = None
+        self.previous = {}
         for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
             if sig is not None:
                 try:
-                    signal.signal(sig, self._handler)
+                    self.previous[sig] = signal.signal(sig, self._handler)
                 except ValueError:  # not in the main thread
                     pass
 
-    def _handler(self, signum, frame):
-        self.requested = True
+    @staticmethod
+    def _handler(signum, frame):
+        _stop["signal"] = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return _stop["signal"] is not None
+
+    @property
+    def reason(self) -> str:
+        """The signal that arrived here, e.g. "SIGTERM" (or "a stop signal on another process")."""
+        return _stop["signal"] or "a stop signal on another process"
 
     def agreed(self, accelerator) -> bool:
         """True when any process got the signal (so that all stop at the same step)."""
@@ -69,6 +85,20 @@ class StopSignal:
             return self.requested
         flag = torch.tensor(int(self.requested), device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum") > 0)
+
+    def restore(self) -> None:
+        """The handlers from before the run; the flag is forgotten."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        _stop["signal"] = None
+
+
+_stop: dict = {"signal": None}  # the signal that asked this process to stop (StopSignal's handler sets it)
+
+
+def stop_requested() -> bool:
+    """Whether SIGTERM / SIGUSR1 arrived during this run: the `should_stop` of evaluation and feature loops."""
+    return _stop["signal"] is not None
 
 
 class TrainMeter:
