@@ -2,6 +2,7 @@ import ast
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(2)
+# tests that load a tool script in this process (runpy, importlib) find its `from _run import run_tool`; appended,
+# so that an installed package of a tool's name (evaluate, benchmark, ...) still comes first
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tools"))
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +37,6 @@ def free_port() -> int:
 def tool(name: str, *argv: str):
     """Run tools/<name> as a user would (a fresh interpreter); fail the test with its stderr unless it exits 0."""
     import subprocess
-    import sys
-    from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "tools" / name
     result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300)

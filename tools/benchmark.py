@@ -13,10 +13,7 @@
 loader_speed.py.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.bench.benchmark import benchmark_train_step, format_table, read_result, resolve_device, write_result
 from mae_vit.bench.compare import compare, markdown
@@ -24,7 +21,6 @@ from mae_vit.bench.costs import profile_step, sweep, sweep_markdown
 from mae_vit.bench.knn_speed import knn_markdown, knn_speed
 from mae_vit.bench.loader_speed import loader_speed
 from mae_vit.config import BenchmarkConfig, parse_config
-from mae_vit.config.cli import run_tool
 
 
 def main(argv):

@@ -10,13 +10,9 @@ command line override it, and describe the model of a foreign file (official MAE
 Writes {output_dir}/metrics.json. Run with --help for every option.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import EvaluateConfig, parse_config
-from mae_vit.config.cli import run_tool
 
 
 def main(argv):

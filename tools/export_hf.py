@@ -8,13 +8,9 @@ The model is the one the checkpoint's run was trained as (its config.yaml, or an
 override it. An MAE keeps its run's mask ratio. Hybrids (a ResNet stem) are refused: transformers has no such stem.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import ExportHfConfig, parse_config
-from mae_vit.config.cli import run_tool
 
 
 def main(argv):

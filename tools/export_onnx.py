@@ -8,13 +8,9 @@ override it. Hybrids export with their ResNet stem.
 Inputs are images normalised as in training (data.mean / data.std, also in the file's metadata).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import ExportOnnxConfig, parse_config
-from mae_vit.config.cli import run_tool
 
 
 def main(argv):

@@ -9,13 +9,9 @@ with one run directory per stage and report.md, results.json and curves. Re-runn
 continues an interrupted chain: finished stages are kept.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import ChainConfig, parse_config
-from mae_vit.config.cli import run_tool
 from mae_vit.config.paths import expand_path
 
 

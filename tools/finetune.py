@@ -3,13 +3,9 @@ synthetic data), or `accelerate launch tools/finetune.py --config configs/finetu
 --checkpoint mae_pretrain_vit_base.pth --data 'train/{000000..000999}.tar' data.val='val/{000000..000049}.tar'`.
 `--resolution N` fine-tunes at another resolution than the checkpoint's. Run with --help for every option."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import FinetuneConfig, parse_config
-from mae_vit.config.cli import run_tool
 
 
 def main(argv):

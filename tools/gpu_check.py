@@ -13,10 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.bench.gpu_check import CHECKS, markdown, run_checks, write
-from mae_vit.config.cli import run_tool
 from mae_vit.errors import ConfigError
 
 

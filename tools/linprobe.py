@@ -4,13 +4,9 @@ tools/linprobe.py --checkpoint mae_pretrain_vit_base.pth --data 'train/{000000..
 data.val='val/{000000..000049}.tar' model.name=vit_base_patch16 model.img_size=224 optim.effective_batch=16384`.
 Run with --help for every option."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import LinprobeConfig, parse_config
-from mae_vit.config.cli import run_tool
 
 
 def main(argv):

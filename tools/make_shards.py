@@ -14,12 +14,10 @@ overwrite=true. The last line printed is the URL spec to pass to the training to
 
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import MakeShardsConfig, parse_config
-from mae_vit.config.cli import run_tool
 from mae_vit.data.writer import make_shards
 
 

@@ -1,14 +1,10 @@
 """MAE pretraining. `python tools/pretrain.py` (demo on synthetic data) or
-`accelerate launch tools/pretrain.py --config configs/pretrain/mae_vit_base_in1k.yaml --data 'shards/{000000..000999}.tar'`.
-Run with --help for every option."""
+`accelerate launch tools/pretrain.py --config configs/pretrain/mae_vit_base_in1k.yaml
+--data 'shards/{000000..000999}.tar'`. Run with --help for every option."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import PretrainConfig, parse_config
-from mae_vit.config.cli import run_tool
 
 
 def main(argv):

@@ -6,13 +6,11 @@ versions), final metrics and curves.
 Writes report.md and one curves PNG per run into --output-dir (default runs/report).
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import ReportConfig, parse_config
-from mae_vit.config.cli import run_tool
 from mae_vit.config.paths import expand_path
 from mae_vit.errors import ConfigError
 

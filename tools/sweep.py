@@ -7,13 +7,9 @@ Writes sweep.json, sweep.png and best_encoder.safetensors into the run directory
 every option.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import SweepConfig, parse_config
-from mae_vit.config.cli import run_tool
 from mae_vit.config.trust import allowed_flags
 
 

@@ -8,13 +8,9 @@ cls_attention.png, reconstructions.png (MAE checkpoints) and summary.json. The m
 checkpoint's run was trained as (its config.yaml); model.* keys override it. Run with --help for every option.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import VisualizeConfig, parse_config
-from mae_vit.config.cli import run_tool
 
 
 def main(argv):
