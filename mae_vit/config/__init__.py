@@ -3,8 +3,8 @@
 
 `from mae_vit.config import PretrainConfig, parse_config` is the way in for tools and tests."""
 
+from mae_vit.config.checks import validate_config
 from mae_vit.config.cli import format_help, parse_config, run_tool, save_config
-from mae_vit.config.schema import validate_config
 from mae_vit.config.tools import (
                                   BenchmarkConfig,
                                   ChainConfig,

@@ -22,7 +22,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mae_vit.config.schema import format_value, leaf_fields, quote, validate_config
+from mae_vit.config.checks import format_value, leaf_fields, quote, validate_config
 from mae_vit.config.trust import TRUST_FLAGS, allowed_flags, check_trust
 from mae_vit.errors import EXIT_STOPPED, ConfigError, NonFiniteLossError, StoppedBySignal, UserError
 from mae_vit.files import expand_path, write_text

@@ -5,15 +5,10 @@ Each field carries its --help text and, where the type says too little, its chec
 `key(default, help, check)`; `cli.py` reads the command line into these and runs the checks.
 """
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple
-
-from omegaconf import DictConfig, OmegaConf
-
-from mae_vit.errors import ConfigError
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 
 def key(default, help: str, check: Optional[Tuple] = None):
@@ -31,6 +26,8 @@ def _range(test, what: str) -> Tuple:
 POSITIVE = _range(lambda v: v > 0, "a positive integer")
 POSITIVE_OR_NULL = _range(lambda v: v is None or v > 0, "a positive integer or null")
 AT_LEAST_0 = _range(lambda v: v >= 0, "0 or more")
+POSITIVE_NUMBER = _range(lambda v: v > 0, "positive")
+POSITIVE_OR_NULL_NUMBER = _range(lambda v: v is None or v > 0, "positive or null")
 UNIT = _range(lambda v: 0 <= v < 1, "in [0, 1)")
 NAME = _range(lambda v: re.fullmatch(r"[\w.-]+", v) is not None, "a name of letters, digits, '_', '-' or '.'")
 DURATION = _range(lambda v: re.fullmatch(r"\d+(\.\d+)?[smhd]", str(v)) is not None and float(str(v)[:-1]) > 0,
@@ -91,7 +88,8 @@ class _Head:
 class MaeModelConfig(_Decoder, _Trained, EncoderConfig):
     """the MAE: encoder and decoder"""
     mask_ratio: float = key(0.75, "fraction of patches hidden from the encoder (the loss is on those)",
-                            _range(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.75: with none hidden there is nothing to learn"))
+                            _range(lambda v: 0 < v < 1,
+                                   "in (0, 1), e.g. 0.75: with none hidden there is nothing to learn"))
 
 
 @dataclass
@@ -115,12 +113,14 @@ class ModelConfig(_Head, _Decoder, EncoderConfig):
 @dataclass
 class DataConfig:
     """data"""
-    train: Optional[str] = key(None, "WebDataset URLs, brace-expanded; None = synthetic demo shards (made on first use)")
+    train: Optional[str] = key(None, "WebDataset URLs, brace-expanded; None = synthetic demo shards (made on first "
+                                     "use)")
     val: Optional[str] = key(None, "WebDataset URLs of the validation split; None = synthetic (or none)")
     batch_size: int = key(64, "per process", POSITIVE)
     num_workers: int = key(2, "data-loading worker processes per training process", AT_LEAST_0)
     mean: Optional[List[float]] = key(None, "per-channel normalisation mean; null = the training shards' own (the "
-                                      "statistics make_shards keeps in their index), else (and for the synthetic demo) ImageNet's", _range(
+                                      "statistics make_shards keeps in their index), else (and for the synthetic "
+                                      "demo) ImageNet's", _range(
         lambda v: v is None or (len(v) > 0 and _numbers(v)), "a non-empty list of numbers, or null"))
     std: Optional[List[float]] = key(None, "per-channel normalisation std; null: as data.mean", _range(
         lambda v: v is None or (len(v) > 0 and _numbers(v) and min(v) > 0), "a list of positive numbers, or null"))
@@ -169,11 +169,11 @@ class AugmentConfig:
 @dataclass
 class OptimConfig:
     """optimizer and lr schedule"""
-    base_lr: float = key(1.5e-4, "lr = base_lr * effective_batch / 256, unless lr is set", _range(lambda v: v > 0, "positive"))
-    lr: Optional[float] = key(None, "absolute lr, overrides base_lr", _range(lambda v: v is None or v > 0, "positive or null"))
+    base_lr: float = key(1.5e-4, "lr = base_lr * effective_batch / 256, unless lr is set", POSITIVE_NUMBER)
+    lr: Optional[float] = key(None, "absolute lr, overrides base_lr", POSITIVE_OR_NULL_NUMBER)
     min_lr: float = key(0.0, "floor of the cosine schedule", AT_LEAST_0)
     weight_decay: float = key(0.05, "decoupled weight decay (not applied to biases, norms, tokens)", AT_LEAST_0)
-    clip_grad: Optional[float] = key(None, "max gradient norm; None = off", _range(lambda v: v is None or v > 0, "positive or null"))
+    clip_grad: Optional[float] = key(None, "max gradient norm; None = off", POSITIVE_OR_NULL_NUMBER)
     epochs: int = key(800, "length of the lr schedule", POSITIVE)
     warmup_epochs: float = key(40, "linear warmup from 0 (may be fractional)", AT_LEAST_0)
     effective_batch: Optional[int] = key(None, "reached by gradient accumulation; None = batch_size x processes",
@@ -268,82 +268,3 @@ class FewShotConfig:
 
 
 Flags = ClassVar[Dict[str, Tuple[str, str]]]
-
-
-# ---------------------------------------------------------------------------------------- checks
-
-
-def leaf_fields(cls: type, prefix: str = "") -> Iterator[Tuple[str, dataclasses.Field]]:
-    """(dotted key, field) of every value of a schema, section by section."""
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type):
-            yield from leaf_fields(f.type, f"{prefix}{f.name}.")
-        else:
-            yield prefix + f.name, f
-
-
-def format_value(value: Any) -> str:
-    """A value the way it would be written on the command line: null, true, [0.9, 0.95]."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    if isinstance(value, str) and value == "":
-        return "''"
-    return str(value)
-
-
-def quote(value: Any) -> str:
-    """Like _format_value, but strings in quotes so that a wrong word stands out in a message."""
-    return repr(value) if isinstance(value, str) else format_value(value)
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first value that has the right type but makes no sense.
-
-    Every number must be finite; each key's own check (allowed choices, ranges) comes from its schema
-    field; then the combinations:
-    len(mean) == len(std) == model.in_chans, warmup_epochs <= epochs.
-    """
-    for path, f in leaf_fields(OmegaConf.get_type(cfg)):
-        value, check = OmegaConf.select(cfg, path), f.metadata.get("check")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"config key '{path}' is {quote(value)}, but it must be a finite number.")
-        if check is not None and not check[0](value):
-            raise ConfigError(f"config key '{path}' is {quote(value)}, but it must be {check[1]}.")
-    _check_combinations(cfg)
-
-
-def _check_combinations(cfg: DictConfig) -> None:
-    if "data" in cfg and cfg.data.mean is not None and cfg.data.std is not None:
-        mean, std = list(cfg.data.mean), list(cfg.data.std)
-        if len(mean) != len(std):
-            raise ConfigError(
-                f"data.mean has {len(mean)} value(s) but data.std has {len(std)}; give one mean and one std per "
-                "image channel, e.g. data.mean=[0.5] data.std=[0.5] for grayscale images."
-            )
-        if "model" in cfg and len(mean) != cfg.model.in_chans:
-            raise ConfigError(
-                f"data.mean and data.std have {len(mean)} value(s) but model.in_chans is {cfg.model.in_chans}; "
-                f"they must match (one mean/std per channel). Set model.in_chans={len(mean)} or give "
-                f"{cfg.model.in_chans} values to data.mean and data.std."
-            )
-    if "optim" in cfg and cfg.optim.warmup_epochs > cfg.optim.epochs:
-        raise ConfigError(
-            f"optim.warmup_epochs ({format_value(cfg.optim.warmup_epochs)}) is longer than optim.epochs "
-            f"({cfg.optim.epochs}); the warmup must fit in the schedule. Lower optim.warmup_epochs or raise "
-            "optim.epochs."
-        )
-
-
-def flat_dict(tree: dict, prefix: str = "") -> Dict[str, Any]:
-    """A nested config as {dotted key: value}."""
-    out: Dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat_dict(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

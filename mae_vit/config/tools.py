@@ -11,7 +11,6 @@ FLAGS maps a tool's shorthand flags to (dotted key, metavar).
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from mae_vit.config.cli import format_help, parse_config, save_config
 from mae_vit.config.schema import (
     AT_LEAST_0,
     NAME,
@@ -37,12 +36,10 @@ from mae_vit.config.schema import (
     _range,
     key,
     one_of,
-    validate_config,
 )
 
 __all__ = ["BenchmarkConfig", "ChainConfig", "EvaluateConfig", "ExportHfConfig", "ExportOnnxConfig", "FinetuneConfig",
-           "LinprobeConfig", "MakeShardsConfig", "PretrainConfig", "ReportConfig", "SweepConfig", "VisualizeConfig",
-           "format_help", "parse_config", "save_config", "validate_config"]
+           "LinprobeConfig", "MakeShardsConfig", "PretrainConfig", "ReportConfig", "SweepConfig", "VisualizeConfig"]
 
 _TRAIN_FLAGS = {"--output-dir": ("train.output_dir", "DIR"), "--data": ("data.train", "URLS")}
 _TOOL_FLAGS = {"--output-dir": ("output_dir", "DIR"), "--data": ("data.train", "URLS"),

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
 from mae_vit.checkpoint import LoadReport, load_weights
-from mae_vit.config.schema import validate_config
+from mae_vit.config.checks import validate_config
 from mae_vit.data import ensure_demo_shards, expand_urls, read_index
 from mae_vit.errors import CheckpointError, ConfigError
 from mae_vit.models import create_model

@@ -23,8 +23,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mae_vit.checkpoint import weights_in_run_dir
+from mae_vit.config.checks import flat_dict
 from mae_vit.config.paths import resolve_paths
-from mae_vit.config.schema import flat_dict
 from mae_vit.data.urls import expand_urls, is_remote, local_path
 from mae_vit.files import write_json
 from mae_vit.train.run_config import find_run_config

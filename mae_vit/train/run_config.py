@@ -29,7 +29,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mae_vit.checkpoint import RUN_METADATA, read_metadata
-from mae_vit.config.schema import EncoderConfig, validate_config
+from mae_vit.config.checks import validate_config
+from mae_vit.config.schema import EncoderConfig
 from mae_vit.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("mae_vit")

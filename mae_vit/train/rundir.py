@@ -36,8 +36,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mae_vit.checkpoint import COMPLETE, STATE_FILE, STEP_DIR, complete_checkpoints, is_complete
+from mae_vit.config.checks import flat_dict
 from mae_vit.config.cli import save_config
-from mae_vit.config.schema import flat_dict
 from mae_vit.errors import CheckpointError, ConfigError
 from mae_vit.files import fsync_dir, write_json
 from mae_vit.train.monitor import on_main_process
