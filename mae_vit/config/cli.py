@@ -7,14 +7,10 @@ training. `run_tool` turns such errors into `error: ...` and exit status 2. Each
 and check live next to it in the schema (`schema.key`).
 """
 
-import dataclasses
-import difflib
-import functools
 import os
 import re
 import sys
 import textwrap
-import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -22,61 +18,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mae_vit.config.checks import format_value, leaf_fields, quote, validate_config
+from mae_vit.config.checks import quote, validate_config
 from mae_vit.config.trust import TRUST_FLAGS, allowed_flags, check_trust
+from mae_vit.config.usage import Key, describe_type, did_you_mean, format_help, schema_keys, unknown_flag_message
 from mae_vit.errors import EXIT_STOPPED, ConfigError, NonFiniteLossError, StoppedBySignal, UserError
 from mae_vit.files import expand_path, write_text
-
-
-@dataclasses.dataclass(frozen=True)
-class _Key:
-    path: str        # dotted key, e.g. "optim.lr"
-    type: Any        # annotation, e.g. Optional[float]
-    help: str        # the field's --help text
-
-
-def _sections(cls: type, prefix: str = "") -> Iterator[Tuple[str, type]]:
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type):
-            yield prefix + f.name, f.type
-            yield from _sections(f.type, f"{prefix}{f.name}.")
-
-
-@functools.lru_cache(maxsize=None)
-def _schema_keys(schema_cls: type) -> Tuple[Dict[str, _Key], Dict[str, str]]:
-    """Leaf keys of a schema ({path: _Key}) and its sections ({path: the first line of its docstring})."""
-    leaves = {path: _Key(path, f.type, f.metadata.get("help", "")) for path, f in leaf_fields(schema_cls)}
-    sections = {path: (cls.__doc__ or "").strip().split("\n")[0] for path, cls in _sections(schema_cls)}
-    return leaves, sections
-
-
-def _describe_type(annotation: Any) -> str:
-    """Human words for a field type, used in wrong-type messages: 'an integer or null'."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Union and type(None) in args:
-        inner = [a for a in args if a is not type(None)][0]
-        return _describe_type(inner) + " or null"
-    if typing.get_origin(annotation) in (list, List):
-        return "a list of " + _describe_type(args[0]).split(" ", 1)[1] + "s"
-    return {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}.get(
-        annotation, str(annotation)
-    )
-
-
-def _suggest(wrong: str, valid: List[str]) -> List[str]:
-    """Up to three valid keys closest to `wrong`: whole dotted path first, then the last component alone."""
-    close = difflib.get_close_matches(wrong, valid, n=3, cutoff=0.6)
-    if not close:
-        leaf = wrong.rsplit(".", 1)[-1]
-        leaf_names = sorted({v.rsplit(".", 1)[-1] for v in valid})
-        near = set(difflib.get_close_matches(leaf, leaf_names, n=3, cutoff=0.75))
-        close = [v for v in valid if v.rsplit(".", 1)[-1] in near][:3]
-    return close
-
-
-def _did_you_mean(wrong: str, valid: List[str]) -> str:
-    close = _suggest(wrong, valid)
-    return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
 class _Loader(yaml.SafeLoader):
@@ -110,7 +56,7 @@ def _parse_value(text: str, key: str) -> Any:
         ) from None
 
 
-def _typed_value(text: str, key: str, leaves: Dict[str, _Key]) -> Any:
+def _typed_value(text: str, key: str, leaves: Dict[str, Key]) -> Any:
     """A command-line value typed by its field: text for a string key (`mixed_precision=no` stays "no",
     `--data '*.tar'` stays a pattern; `null` is None where the key allows it), YAML for the others."""
     annotation = leaves[key].type if key in leaves else None
@@ -150,7 +96,7 @@ def _read_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
-def _flatten(data: Dict[Any, Any], leaves: Dict[str, _Key], prefix: str = "") -> Iterator[Tuple[str, Any]]:
+def _flatten(data: Dict[Any, Any], leaves: Dict[str, Key], prefix: str = "") -> Iterator[Tuple[str, Any]]:
     """Nested YAML mapping -> (dotted key, value) pairs; mappings under a leaf key stay whole (and fail later)."""
     for key, value in data.items():
         path = f"{prefix}{key}"
@@ -162,7 +108,7 @@ def _flatten(data: Dict[Any, Any], leaves: Dict[str, _Key], prefix: str = "") ->
 
 def _set(cfg: DictConfig, schema_cls: type, key: str, value: Any, source: str) -> None:
     """Set one dotted key, turning unknown keys and wrong types into a ConfigError naming `source`."""
-    leaves, sections = _schema_keys(schema_cls)
+    leaves, sections = schema_keys(schema_cls)
     if key in sections:
         raise ConfigError(
             f"'{key}' ({source}) is a section, not a value; set its keys instead, e.g. "
@@ -170,14 +116,14 @@ def _set(cfg: DictConfig, schema_cls: type, key: str, value: Any, source: str) -
         )
     if key not in leaves:
         raise ConfigError(
-            f"unknown config key '{key}' ({source}).{_did_you_mean(key, list(leaves))} "
+            f"unknown config key '{key}' ({source}).{did_you_mean(key, list(leaves))} "
             "Run with --help to list every key."
         )
     try:
         OmegaConf.update(cfg, key, value, merge=False)
     except OmegaConfBaseException:
         raise ConfigError(
-            f"config key '{key}' ({source}) must be {_describe_type(leaves[key].type)}, "
+            f"config key '{key}' ({source}) must be {describe_type(leaves[key].type)}, "
             f"but got {quote(value)}. Run with --help to see every key with its default."
         ) from None
 
@@ -210,7 +156,7 @@ def parse_config(schema_cls: type, argv: Optional[List[str]] = None, *, prog: Op
     config_files, overrides = _split_argv([word for word in argv if word not in TRUST_FLAGS], flags)
     cfg = OmegaConf.structured(schema_cls)
     OmegaConf.set_struct(cfg, True)
-    leaves, _ = _schema_keys(schema_cls)
+    leaves, _ = schema_keys(schema_cls)
     for path in config_files:
         for key, value in _flatten(_read_yaml(path), leaves):
             _set(cfg, schema_cls, key, value, f"in config file '{path}'")
@@ -231,7 +177,7 @@ def _split_argv(argv: List[str], flags: Dict[str, Tuple[str, str]]) -> Tuple[Lis
         if word.startswith("-"):
             name, has_value, text = word.partition("=")
             if name != "--config" and name not in flags:
-                raise ConfigError(_unknown_flag_message(name, flags))
+                raise ConfigError(unknown_flag_message(name, flags))
             if not has_value:
                 text = next(words, None)
                 if text is None:
@@ -251,55 +197,6 @@ def _split_argv(argv: List[str], flags: Dict[str, Tuple[str, str]]) -> Tuple[Lis
                 )
             overrides.append((key.strip(), text, "from the command line"))
     return config_files, overrides
-
-
-def _unknown_flag_message(name: str, flags: Dict[str, Tuple[str, str]]) -> str:
-    known = ["--config", *flags, *TRUST_FLAGS, "--help"]
-    message = f"unknown flag '{name}'."
-    as_key = name.lstrip("-").replace("-", "_")
-    if "." in as_key or as_key in {k for k, _ in flags.values()}:
-        message += f" Config keys are written without dashes: {as_key}=VALUE."
-    else:
-        message += _did_you_mean(name, known)
-    return message + f" Flags of this tool: {', '.join(known)}. Run with --help to list every key."
-
-
-def format_help(schema_cls: type, prog: str = "tool") -> str:
-    """The --help text: usage, the tool's flags, then every key with its default and its help."""
-    flags: Dict[str, Tuple[str, str]] = dict(getattr(schema_cls, "FLAGS", {}))
-    defaults = OmegaConf.structured(schema_cls)
-    leaves, sections = _schema_keys(schema_cls)
-    usage = " ".join(f"[{flag} {metavar}]" for flag, (_, metavar) in flags.items())
-    lines = [f"usage: {prog} [-h] [--config FILE] {usage} [key=value ...]", ""]
-    if schema_cls.__doc__:
-        lines += [textwrap.dedent(schema_cls.__doc__).strip().split("\n\n")[0], ""]
-    lines += [
-        "Settings are the defaults below, then a YAML file (--config), then key=value overrides with",
-        "dotted keys and YAML values (optim.betas=[0.9,0.95], model.num_classes=null); later ones win.",
-        "",
-        "flags:",
-        f"  {'-h, --help':<24}show this help and exit",
-        f"  {'--config FILE':<24}YAML file with any of the keys below, nested by section",
-        f"  {'--allow-shell':<24}accept pipe: data URLs (they run a shell command; never from a file alone)",
-        f"  {'--allow-env':<24}accept ${{oc.env:VAR}}, other resolvers, $VARs in paths from files (they read the "
-        "environment)",
-    ]
-    lines += [f"  {flag + ' ' + metavar:<24}same as {key}=..." for flag, (key, metavar) in flags.items()]
-    lines += ["", "keys (default, then meaning):"]
-    width = max(len(f"{k} = {format_value(OmegaConf.select(defaults, k))}") for k in leaves) + 2
-
-    def key_line(path: str) -> str:
-        setting = f"{path} = {format_value(OmegaConf.select(defaults, path))}"
-        return f"  {setting:<{width}}{leaves[path].help}".rstrip()
-
-    for section, comment in sections.items():
-        lines.append(f"{section}:" + (f"  ({comment})" if comment else ""))
-        lines += [key_line(p) for p in leaves if p.rsplit(".", 1)[0] == section]
-    top_level = [p for p in leaves if "." not in p]
-    if top_level and sections:
-        lines.append("top-level keys:")
-    lines += [key_line(p) for p in top_level]
-    return "\n".join(lines)
 
 
 def save_config(cfg: Any, path: "str | os.PathLike[str]") -> None:
