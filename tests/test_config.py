@@ -36,7 +36,8 @@ def write(path, text):
 def test_defaults_per_tool():
     pre = parse_config(PretrainConfig, [])
     # the pretraining defaults are the CPU demo (the paper's recipes are YAML files in configs/)
-    assert pre.model.name == "mae_vit_tiny_patch4" and pre.optim.base_lr == 4e-3 and pre.optim.epochs == 60 and pre.model.depth == 6
+    assert pre.model.name == "mae_vit_tiny_patch4" and pre.model.depth == 6
+    assert pre.optim.base_lr == 4e-3 and pre.optim.epochs == 60
     assert pre.data.in_memory is None  # resolved by the tool: true for the synthetic demo only
     assert (pre.model.decoder_embed_dim, pre.model.decoder_depth, pre.model.decoder_num_heads) == (128, 2, 4)
     assert list(pre.optim.betas) == [0.9, 0.95] and pre.train.output_dir == here("runs/pretrain")
@@ -383,8 +384,8 @@ def test_layer_decay_given_to_the_pretraining_tool_exits_2_without_a_traceback(t
     from pathlib import Path
 
     tool = Path(__file__).resolve().parents[1] / "tools" / "pretrain.py"
-    result = subprocess.run([sys.executable, str(tool), "--output-dir", str(tmp_path / "run"), "optim.layer_decay=0.75"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(tool), "--output-dir", str(tmp_path / "run"),
+                             "optim.layer_decay=0.75"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown config key 'optim.layer_decay'" in result.stderr and not (tmp_path / "run").exists()
 
@@ -394,7 +395,8 @@ def test_layer_decay_given_to_the_pretraining_tool_exits_2_without_a_traceback(t
 
 def test_a_pipe_url_runs_only_with_allow_shell_on_the_command_line(tmp_path):
     path = write(tmp_path / "shared.yaml", "data:\n  val: 'pipe:id'\n")
-    with pytest.raises(ConfigError, match="'data.val' is 'pipe:id': a `pipe:` data URL runs a shell command.*--allow-shell"):
+    refused = "'data.val' is 'pipe:id': a `pipe:` data URL runs a shell command.*--allow-shell"
+    with pytest.raises(ConfigError, match=refused):
         parse_config(PretrainConfig, ["--config", path])
     with pytest.raises(ConfigError, match="--allow-shell"):
         parse_config(PretrainConfig, ["--data", "shards/a.tar::pipe:curl -s http://h/b.tar"])
@@ -421,7 +423,8 @@ def test_a_null_mean_and_std_become_the_shards_own_statistics_else_imagenets(tmp
     images = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(6)]  # grey
     from PIL import Image
     samples = [(f"{i:08d}", Image.fromarray(img), i % 2) for i, img in enumerate(images)]
-    with_stats = shard_urls(tmp_path / "a", "shard", len(write_shards(samples, tmp_path / "a", progress=False)["shards"]))
+    written = write_shards(samples, tmp_path / "a", progress=False)
+    with_stats = shard_urls(tmp_path / "a", "shard", len(written["shards"]))
     without = shard_urls(tmp_path / "b", "shard", len(write_shards(samples, tmp_path / "b", progress=False,
                                                                    stats=False)["shards"]))
     pixels = np.stack(images).astype(np.float64) / 255

@@ -24,7 +24,8 @@ TINY = ["model.img_size=16", "model.embed_dim=32", "model.depth=1", "model.num_h
         "optim.epochs=2", "train.save_every=2", "train.keep_last=2", "train.vis_every=4", "knn.vs_random=false"]
 PLANNED = 8  # 64 samples / 16 = 4 steps per epoch, 2 epochs
 TRIALS = random.Random(0).sample(range(1, 70), 20)  # the K-th risky event kills the run (a full run has about 60)
-KILL_DRIVER = """'''Run pretraining and kill the process (os._exit) at the K-th risky event: an optimizer step, a rename, a delete.'''
+KILL_DRIVER = """'''Run pretraining and kill the process (os._exit) at the K-th risky event: an optimizer step, a
+rename, a delete.'''
 import os, shutil, sys
 import torch
 

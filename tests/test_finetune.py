@@ -101,12 +101,14 @@ def test_fine_tuning_starts_from_exactly_the_pretrained_encoder(shards, tmp_path
     assert load_weights(mae, str(mae16), strict=True, verbose=False).missing == []
     for pool in (True, False):
         cfg = cfg_for(tmp_path, shards, f"model.global_pool={str(pool).lower()}")
-        model, report = build_finetune_model(cfg.model, img_size=16, num_classes=10, pretrained=read_pretrained(str(mae16)))
+        model, report = build_finetune_model(cfg.model, img_size=16, num_classes=10,
+                                             pretrained=read_pretrained(str(mae16)))
         x = torch.randn(5, 3, 16, 16)
         with torch.no_grad():
             mine, theirs = model.eval().forward_features(x), mae.eval().forward_features(x)
         if pool:  # global pooling drops the final norm (fc_norm is new): compare before it
-            mine, theirs = model.run_blocks(model.prepend_cls(model.embed(x))), mae.run_blocks(mae.prepend_cls(mae.embed(x)))
+            mine = model.run_blocks(model.prepend_cls(model.embed(x)))
+            theirs = mae.run_blocks(mae.prepend_cls(mae.embed(x)))
         assert torch.equal(mine, theirs)
 
 

@@ -71,12 +71,14 @@ def loader_speed(urls: str, *, img_size: int = 224, in_chans: int = 3, batch_siz
     for n in workers:
         row = loader_rate(urls, img_size=img_size, in_chans=in_chans, batch_size=batch_size, num_workers=n,
                           seconds=seconds, gpu_decode=gpu_decode)
-        report(f"loader, {n} worker(s): {row['images_per_s']:.0f} img/s ({row['images_per_s_per_worker']:.0f} per worker)")
+        report(f"loader, {n} worker(s): {row['images_per_s']:.0f} img/s "
+               f"({row['images_per_s_per_worker']:.0f} per worker)")
         rows.append(row)
     best = max(r["images_per_s"] for r in rows)
     per_worker = max(r["images_per_s_per_worker"] for r in rows if r["workers"] > 0) if any(
         r["workers"] for r in rows) else rows[0]["images_per_s"]
-    result = {"kind": "data", "urls": urls, "gpu_decode": gpu_decode, "img_size": img_size, "batch_size": batch_size, "rows": rows,
+    result = {"kind": "data", "urls": urls, "gpu_decode": gpu_decode, "img_size": img_size, "batch_size": batch_size,
+              "rows": rows,
               "samples": index.get("num_samples"), "best_images_per_s": best,
               f"projected_images_per_s_{PROJECTED_WORKERS}_workers": per_worker * PROJECTED_WORKERS,
               "step_images_per_s": step_images_per_s, "verdict": None}
