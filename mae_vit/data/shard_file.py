@@ -1,5 +1,5 @@
-"""One tar shard being written under a hidden temporary name, and the exact tar sizes that decide when a new
-shard starts (headers and padding included), with reproducible member headers (fixed time, owner, mode)."""
+"""One tar shard being written under a hidden temporary name, a sample's members (reproducible headers: fixed
+time, owner, mode), and the exact tar sizes that decide when a new shard starts (headers and padding included)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,15 @@ def archived_size(info: tarfile.TarInfo) -> int:
 def finished_size(content_bytes: int) -> int:
     """File size after `close()`: content + two zero end blocks, padded to a whole record."""
     return -(-(content_bytes + 2 * BLOCK) // RECORD) * RECORD
+
+
+def sample_members(key: str, data: bytes, ext: str, label: int | None) -> list[tuple]:
+    """The tar members of one sample: `{key}.{ext}` (the image) and, when labelled, `{key}.cls`."""
+    members = [(tar_info(f"{key}.{ext}", len(data)), data)]
+    if label is not None:
+        text = str(label).encode()
+        members.append((tar_info(f"{key}.cls", len(text)), text))
+    return members
 
 
 class PartialShard:

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mae_vit.data.shard_file import RECORD, PartialShard, archived_size, finished_size, tar_info
+from mae_vit.data.shard_file import RECORD, PartialShard, archived_size, finished_size, sample_members
 from mae_vit.data.sources import open_source
 from mae_vit.data.stats import ImageStats
 from mae_vit.data.transforms import to_8bit
@@ -169,7 +169,7 @@ def write_shards(
             data, ext = _encode_image(image)
             if statistics is not None:
                 statistics.add(data)
-            members = _members(key, data, ext, label)
+            members = sample_members(key, data, ext, label)
             class_counts[label] += 1
             if None in class_counts and len(class_counts) > 1:
                 raise DataError(
@@ -230,15 +230,6 @@ def _check_key(key, previous_key) -> None:
             f"Sample key {key!r} is unusable: keys must be non-empty strings without dots or white space, "
             f"not starting with '/', and differ from the previous sample's key."
         )
-
-
-def _members(key: str, data: bytes, ext: str, label: int | None) -> list[tuple]:
-    """The tar members of one sample: `{key}.{ext}` (the image) and, when labelled, `{key}.cls`."""
-    members = [(tar_info(f"{key}.{ext}", len(data)), data)]
-    if label is not None:
-        text = str(label).encode()
-        members.append((tar_info(f"{key}.cls", len(text)), text))
-    return members
 
 
 def _shard_for(shards: list[PartialShard], size: int, output_dir: Path, prefix: str, samples_per_shard: int,
