@@ -92,10 +92,10 @@ def train(cfg: DictConfig, task: Task) -> dict:
         accelerator = make_accelerator(str(run.path), t.mixed_precision, t.tf32, t.trackers,
                                        collective_timeout=seconds(t.collective_timeout))
         setup_logging(accelerator.is_main_process)
+        check_same_run_dir(run, accelerator)
         # The main process decides, once, for all: each process reading the directory itself could disagree.
         resuming = main_decides(accelerator, lambda: _will_resume(run, t.resume))
         task.check(resuming)
-        check_same_run_dir(run, accelerator)
         torch.manual_seed(t.seed)  # the same initial weights on every process
         model = task.build_model(accelerator, resuming)
         set_seed(t.seed, device_specific=True)  # then a stream per process (masks, drop path, mixing): seed + rank

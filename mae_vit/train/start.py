@@ -64,8 +64,9 @@ def main_decides(accelerator, decide: Callable[[], Any]) -> Any:
 
 
 def check_same_run_dir(run: RunDir, accelerator) -> None:
-    """ConfigError on every process, with nothing left behind, unless every process sees the run directory the
-    main process writes to: the main process writes a random token there and each process reads it back."""
+    """ConfigError on every process unless every process sees the run directory the main process writes to: the
+    main process writes a random token there and each process reads it back. Nothing is left behind (the token,
+    and folders made only for it, are removed at once), so this runs first, before any decision."""
     if accelerator.num_processes == 1:
         return
     token_file = run.path / TOKEN_NAME
@@ -84,8 +85,7 @@ def check_same_run_dir(run: RunDir, accelerator) -> None:
     blind = accelerator.gather(torch.tensor([int(not seen)], device=accelerator.device)).tolist()  # one per process
     if accelerator.is_main_process:
         token_file.unlink(missing_ok=True)
-        if any(blind):
-            _remove_made(run.path, existing)
+        _remove_made(run.path, existing)
     if any(blind):
         ranks = [r for r, b in enumerate(blind) if b]
         raise ConfigError(
