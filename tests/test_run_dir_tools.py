@@ -116,3 +116,13 @@ def test_an_onnx_output_that_is_a_folder_is_refused_and_nothing_lands_beside_it(
     with pytest.raises(UserError, match="is a folder"):
         export_onnx(create_model("vit_tiny_patch4", img_size=16, depth=1, num_classes=3), tmp_path / "out.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"] and not any((tmp_path / "out.onnx").iterdir())
+
+
+def test_an_overwrite_with_a_min_lr_above_the_peak_is_refused_before_anything_is_deleted(tmp_path, shards):
+    out = tmp_path / "run"
+    first = pretrain(out, shards, "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    again = pretrain(out, shards, "train.max_steps=2", "train.resume=false", "train.overwrite=true", "optim.min_lr=1")
+    assert again.returncode == 2 and "optim.min_lr (1) is above the peak lr" in again.stderr
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before

@@ -37,7 +37,7 @@ from mae_vit.train.device import compiled, load_state, make_accelerator
 from mae_vit.train.monitor import NonFiniteGuard, StopSignal, TrainMeter, setup_logging
 from mae_vit.train.optim import set_lr
 from mae_vit.train.rundir import RunDir, TrainState, read_state, save_checkpoint
-from mae_vit.train.schedule import Plan, budget_steps, make_plan, seconds
+from mae_vit.train.schedule import Plan, budget_steps, checked_peak_lr, make_plan, seconds
 from mae_vit.train.start import STOPPED_NAME, begin, check_same_run_dir, main_decides, write_stopped
 
 log = logging.getLogger("mae_vit")
@@ -96,6 +96,7 @@ def train(cfg: DictConfig, task: Task) -> dict:
         # The main process decides, once, for all: each process reading the directory itself could disagree.
         resuming = main_decides(accelerator, lambda: _will_resume(run, t.resume))
         task.check(resuming)
+        checked_peak_lr(cfg.optim, cfg.data.batch_size, accelerator.num_processes)  # before anything is deleted
         torch.manual_seed(t.seed)  # the same initial weights on every process
         model = task.build_model(accelerator, resuming)
         set_seed(t.seed, device_specific=True)  # then a stream per process (masks, drop path, mixing): seed + rank

@@ -114,6 +114,20 @@ class Plan:
                      total_steps=self.total_steps)
 
 
+def checked_peak_lr(optim, batch_size: int, world_size: int) -> float:
+    """The schedule's peak lr (optim.lr, else base_lr x effective batch / 256); ConfigError when optim.min_lr is
+    above it. The loop asks before it touches the run directory, so a refused run deletes nothing."""
+    effective = optim.effective_batch or batch_size * world_size
+    peak_lr = optim.lr if optim.lr is not None else scaled_lr(optim.base_lr, effective)
+    if optim.min_lr > peak_lr:
+        where = ("optim.lr" if optim.lr is not None else
+                 f"optim.base_lr {optim.base_lr:g} x effective batch {effective} / 256")
+        raise ConfigError(f"optim.min_lr ({optim.min_lr:g}) is above the peak lr ({peak_lr:.3g}, from {where}): the "
+                          "schedule would rise instead of decay. Lower optim.min_lr (the MAE recipes use 0 for "
+                          "pretraining, 1e-6 for fine-tuning) or raise the lr.")
+    return peak_lr
+
+
 def make_plan(optim, *, batch_size: int, world_size: int, max_steps: Optional[int], samples_per_epoch: int,
               samples_seen: int, batches_per_epoch: Callable[[], int], total_steps: Optional[int] = None) -> Plan:
     """The plan of a run from its `optim` config section and where its data stands.
@@ -126,13 +140,7 @@ def make_plan(optim, *, batch_size: int, world_size: int, max_steps: Optional[in
     """
     effective = optim.effective_batch or batch_size * world_size
     accum = accumulation_steps(effective, batch_size, world_size)
-    peak_lr = optim.lr if optim.lr is not None else scaled_lr(optim.base_lr, effective)
-    if optim.min_lr > peak_lr:
-        where = ("optim.lr" if optim.lr is not None else
-                 f"optim.base_lr {optim.base_lr:g} x effective batch {effective} / 256")
-        raise ConfigError(f"optim.min_lr ({optim.min_lr:g}) is above the peak lr ({peak_lr:.3g}, from {where}): the "
-                          "schedule would rise instead of decay. Lower optim.min_lr (the MAE recipes use 0 for "
-                          "pretraining, 1e-6 for fine-tuning) or raise the lr.")
+    peak_lr = checked_peak_lr(optim, batch_size, world_size)
     fresh = samples_per_epoch == 0
     steps_per_epoch = batches_per_epoch() // accum if fresh else samples_per_epoch // effective
     if steps_per_epoch == 0:
