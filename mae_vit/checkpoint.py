@@ -224,10 +224,7 @@ def export_safetensors(model_or_sd, path: str | os.PathLike, *, metadata: dict[s
     in the file's header (a run's exports: its architecture under `RUN_METADATA`)."""
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in to_state_dict(sd).items()}
-    bad = nonfinite_tensors(sd)
-    if bad:  # a diverged model is never exported, under any name
-        raise NonFiniteLossError(f"refused to write {path}: {len(bad)} of {len(sd)} tensors hold NaN or infinite "
-                                 f"values ({_summarise(bad)}): the model diverged. Nothing was written.")
+    refuse_nonfinite(sd, path)
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata=metadata)
     return Path(path)
@@ -236,6 +233,14 @@ def export_safetensors(model_or_sd, path: str | os.PathLike, *, metadata: dict[s
 def nonfinite_tensors(sd: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors of `sd` that hold a NaN or an infinity."""
     return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def refuse_nonfinite(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """NonFiniteLossError when `sd` holds a NaN or an infinity: a diverged model is never exported, in any format."""
+    bad = nonfinite_tensors(sd)
+    if bad:
+        raise NonFiniteLossError(f"refused to write {path}: {len(bad)} of {len(sd)} tensors hold NaN or infinite "
+                                 f"values ({_summarise(bad)}): the model diverged. Nothing was written.")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils import flop_counter as torch_flop_counter
 
 from mae_vit.bench import benchmark as bench
-from mae_vit.bench import flops
+from mae_vit.bench import flops, results
 from mae_vit.bench.peaks import gpu_peak, peak_for
 from mae_vit.config.cli import run_tool
 from mae_vit.errors import ConfigError
@@ -191,9 +191,9 @@ def test_json_to_a_folder_is_refused(tmp_path):
     r = bench.BenchmarkResult("m", 1, 1, "cpu", "fp32", 1, 16, 0.75, False, 0, [1.0], 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
                               None, "CPU peak RSS growth (ru_maxrss)")
     with pytest.raises(ConfigError, match="folder"):
-        bench.write_result(r, tmp_path)
+        results.write_result(r, tmp_path)
     assert list(tmp_path.iterdir()) == []
-    assert "n/a" in bench.format_table(r)
+    assert "n/a" in results.format_table(r)
 
 
 @pytest.mark.parametrize("name, gpu, bf16, tf32", [
@@ -227,4 +227,4 @@ def test_the_table_gives_the_mfu_of_a_gpu_run_against_its_peak():
     r = bench.BenchmarkResult("m", 1, 1, "NVIDIA H100 PCIe", "fp32", 1, 16, 0.75, False, 0, [1.0], 1.0, 1.0, 1.0, 1.0,
                               1.0, 189e12, None, "n/a", peak_flops_per_s=378e12, peak_kind="H100 PCIe tf32 dense",
                               mfu=0.5)
-    assert "50.0% of 378.00 TFLOP/s  [H100 PCIe tf32 dense]" in bench.format_table(r)
+    assert "50.0% of 378.00 TFLOP/s  [H100 PCIe tf32 dense]" in results.format_table(r)

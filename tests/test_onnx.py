@@ -99,3 +99,13 @@ def test_the_export_tool_exports_a_hybrid_from_a_weights_file_that_carries_its_r
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(run_onnx(out, images), ours(images), atol=1e-4)
+
+
+def test_a_model_with_non_finite_weights_is_never_exported_to_onnx(tmp_path):
+    from mae_vit.errors import NonFiniteLossError
+    model = create_model("vit_tiny_patch4", num_classes=5, **TINY).eval()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="1 of .* tensors hold NaN or infinite"):
+        export_onnx(model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -15,11 +15,12 @@ loader_speed.py.
 
 from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
-from mae_vit.bench.benchmark import benchmark_train_step, format_table, read_result, resolve_device, write_result
+from mae_vit.bench.benchmark import benchmark_train_step, resolve_device
 from mae_vit.bench.compare import compare, markdown
 from mae_vit.bench.costs import profile_step, sweep, sweep_markdown
 from mae_vit.bench.knn_speed import knn_markdown, knn_speed
 from mae_vit.bench.loader_speed import loader_speed
+from mae_vit.bench.results import format_table, read_result, write_result
 from mae_vit.config import BenchmarkConfig, parse_config
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mae_vit.checkpoint import refuse_nonfinite
 from mae_vit.errors import ConfigError
 from mae_vit.files import atomic_path
 
@@ -47,6 +48,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, mean=None, std=Non
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--output {path} is a folder; give the file to write, e.g. {path / 'model.onnx'}.")
+    refuse_nonfinite(model.state_dict(), path)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shape check is constant for a fixed size
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: chosen, see the module doc
