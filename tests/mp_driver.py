@@ -67,4 +67,9 @@ if sleep_in_save:
     loop.save_checkpoint = save_checkpoint
 
 summary = run_tool(lambda argv: pretrain(parse_config(PretrainConfig, argv)), sys.argv[1:])
+# What the tests read from this process must be there: fail here, naming it, rather than later in the test.
+assert summary["step"] > 0, summary
+if record:
+    missing = [n for n in (f"init_{rank}.pt", f"masks_{rank}.pt", f"final_{rank}.pt") if not (record / n).is_file()]
+    assert not missing, f"rank {rank} did not record {missing}"
 print(f"RANK {rank} ENDED AT STEP {summary['step']}", flush=True)
