@@ -3,11 +3,14 @@
 import gzip
 import json
 import struct
+import tarfile
 
 import numpy as np
 import pytest
 
 from mae_vit.apps import chain
+from mae_vit.data import expand_urls, read_index
+from mae_vit.data.holdout import holdout_indices
 
 TINY_MODEL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=7"]
 TINY = {
@@ -42,7 +45,7 @@ def test_the_chain_runs_every_stage_writes_the_report_and_a_rerun_skips_finished
     write_idx(idx, "t10k", 80, 1)
     monkeypatch.setitem(chain.PRESETS, "tiny", TINY)
     out = tmp_path / "chain"
-    report = chain.run_chain("tiny", out, tmp_path / "shards", source=f"fashion-mnist:{idx}")
+    report = chain.run_chain("tiny", out, tmp_path / "shards", source=f"fashion-mnist:{idx}", val_samples=40)
     results = json.loads((out / "results.json").read_text())
     top1 = {r["what"]: r["top1"] for r in results["rows"]}
     assert all(v is not None and 0 <= v <= 100 for v in top1.values()), top1
@@ -56,5 +59,71 @@ def test_the_chain_runs_every_stage_writes_the_report_and_a_rerun_skips_finished
     parent_hash = json.loads((out / "finetune_mae" / "lineage.json").read_text())["parent"]["sha256"]
     assert parent_hash[:12] in lineage and "finetune_scratch" in lineage
     before = (out / "pretrain" / "metrics.json").stat().st_mtime_ns
-    chain.run_chain("tiny", out, tmp_path / "shards", source=f"fashion-mnist:{idx}")  # nothing left to do
+    chain.run_chain("tiny", out, tmp_path / "shards", source=f"fashion-mnist:{idx}", val_samples=40)  # all done
     assert (out / "pretrain" / "metrics.json").stat().st_mtime_ns == before
+
+
+def fake_fashion_mnist(tmp_path, train=200, test=80):
+    idx = tmp_path / "idx"
+    idx.mkdir(exist_ok=True)
+    write_idx(idx, "train", train, 0)
+    write_idx(idx, "t10k", test, 1)
+    return f"fashion-mnist:{idx}"
+
+
+def keys(spec):
+    """The sample keys of the shards of `spec` (the position of each image in the idx file)."""
+    found = set()
+    for url in expand_urls(spec):
+        with tarfile.open(url) as tar:
+            found |= {name.split(".")[0] for name in tar.getnames()}
+    return found
+
+
+def test_holdout_indices_split_every_position_once_fixed_by_the_seed():
+    fit, val = holdout_indices(10, 3, seed=0)
+    assert len(val) == 3 and len(fit) == 7 and sorted([*fit, *val]) == list(range(10))
+    assert list(fit) == sorted(fit) and list(val) == sorted(val)  # file order: keys ascend
+    again_fit, again_val = holdout_indices(10, 3, seed=0)
+    assert list(again_val) == list(val) and list(again_fit) == list(fit)
+    assert any(list(holdout_indices(10, 3, seed=s)[1]) != list(val) for s in (1, 2, 3))
+    subset, same_val = holdout_indices(10, 3, seed=0, keep=4)  # a training subset leaves the held-out part as it was
+    assert list(same_val) == list(val) and len(subset) == 4 and set(subset) <= set(fit)
+
+
+def test_the_chain_holds_out_a_validation_split_from_the_training_file_fixed_by_seed(tmp_path):
+    source = fake_fashion_mnist(tmp_path)
+    urls = chain.ensure_fashion_mnist_shards(tmp_path / "a", source, val_samples=50, seed=0)
+    train, val, test = keys(urls["train"]), keys(urls["val"]), keys(urls["test"])
+    assert (len(train), len(val), len(test)) == (150, 50, 80)
+    assert not train & val and train | val == {f"{i:08d}" for i in range(200)}  # disjoint, together the whole file
+    assert read_index(urls["val"])["num_samples"] == 50 and read_index(urls["train"])["num_classes"] == 10
+    assert keys(chain.ensure_fashion_mnist_shards(tmp_path / "b", source, val_samples=50, seed=0)["val"]) == val
+    assert keys(chain.ensure_fashion_mnist_shards(tmp_path / "b", source, val_samples=50, seed=1)["val"]) != val
+    small = chain.ensure_fashion_mnist_shards(tmp_path / "a", source, val_samples=50, train_samples=40, seed=0)
+    assert keys(small["val"]) == val and len(keys(small["train"])) == 40 and keys(small["train"]) <= train
+
+
+@pytest.mark.parametrize("bad", [dict(val_samples=200), dict(val_samples=50, train_samples=151)])
+def test_a_held_out_split_or_subset_larger_than_the_file_is_refused(tmp_path, bad):
+    from mae_vit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="200 training images"):
+        chain.ensure_fashion_mnist_shards(tmp_path / "a", fake_fashion_mnist(tmp_path), **bad)
+    assert not (tmp_path / "a").exists()  # refused before anything is written
+
+
+def test_the_plan_chooses_on_the_held_out_split_and_gives_the_test_split_only_as_data_test(tmp_path):
+    urls = {"train": "/d/fit/shard-{000000..000054}.tar", "val": "/d/val/shard-{000000..000004}.tar",
+            "test": "/d/test/shard-{000000..000009}.tar"}
+    stages = {s.name: s for s in chain.plan("cpu", tmp_path, urls)}
+    for name in ("pretrain", "linprobe", "finetune_mae", "finetune_scratch"):
+        args = stages[name].args
+        assert args[args.index("--data") + 1] == urls["train"], name
+        assert f"data.val={urls['val']}" in args and f"data.val={urls['test']}" not in args, name
+    for name in ("linprobe", "finetune_mae", "finetune_scratch"):  # evaluated once, with the weights chosen on val
+        assert f"data.test={urls['test']}" in stages[name].args, name
+    assert not any(a.startswith("data.test=") for a in stages["pretrain"].args)
+    # the frozen encoder's kNN / few-shot choose nothing: bank = the training part, queries = the test split
+    args = stages["evaluate"].args
+    assert args[args.index("--data") + 1] == urls["train"] and f"data.val={urls['test']}" in args

@@ -278,3 +278,66 @@ def test_cli_bad_checkpoint_exits_2_and_writes_nothing(shards, tmp_path):
     message = result.stderr.strip()
     assert message.startswith("error: checkpoint") and str(missing) in message and "\n\n" not in message
     assert not out.exists()
+
+
+@pytest.mark.slow  # a whole training run
+def test_data_test_is_evaluated_once_at_the_end_with_the_weights_chosen_on_val(shards, tmp_path, mae16, monkeypatch,
+                                                                            capsys):
+    import yaml
+
+    from mae_vit.tasks import classify
+    from mae_vit.tasks.finetune import finetune
+
+    _, test = ensure_demo_shards(tmp_path / "other", num_samples=96, seed=5)  # 24 images, none of the 16 val ones
+    real, calls = classify.classifier_metrics, []
+
+    def scripted(*args, **kwargs):  # the val top-1 falls after epoch 1, so epoch 1's weights are the best
+        metrics = real(*args, **kwargs)
+        calls.append(metrics["n"])
+        if metrics["n"] == 16:
+            metrics["top1"] = 90.0 - len(calls)
+        return metrics
+
+    monkeypatch.setattr(classify, "classifier_metrics", scripted)
+    out = tmp_path / "run"
+    finetune(cfg_for(out, shards, "--checkpoint", str(mae16), "optim.epochs=3", "optim.warmup_epochs=0",
+                     f"data.test={test}"))
+    assert calls == [16, 16, 16, 24]  # val after each epoch, then the test split once
+    metrics = json.loads((out / METRICS_NAME).read_text())
+    assert metrics["best"]["epoch"] == 1 and metrics["final"]["epoch"] == 3 and metrics["final"]["n"] == 16
+    assert metrics["test"]["n"] == 24 and metrics["test"]["chosen_by"] == "val top-1 at epoch 1"
+    assert metrics["test"]["weights"] == str(out / BEST_NAME)
+    assert "test top-1" in capsys.readouterr().err
+
+    used = yaml.safe_load((out / "config.yaml").read_text())  # the normalisation the run used
+    cfg = cfg_for(tmp_path / "check", shards, f"data.mean={used['data']['mean']}", f"data.std={used['data']['std']}")
+    accelerator = Accelerator(cpu=True)
+
+    def on_test(weights):
+        model = create_model("vit_tiny_patch4", img_size=16, num_classes=10, **SIZE)
+        load_weights(model, weights, strict=True)
+        batches = ShardBatches(test, cfg, transform_for(cfg, "eval", 16), accelerator=accelerator, train=False)
+        return real(model, batches.batches(), accelerator)
+
+    best, last = on_test(out / BEST_NAME), on_test(out / "model.safetensors")
+    assert metrics["test"]["top1"] == pytest.approx(best["top1"]) and metrics["test"]["loss"] == pytest.approx(
+        best["loss"], rel=1e-5)
+    assert metrics["test"]["loss"] != pytest.approx(last["loss"], rel=1e-5)  # not the last epoch's weights
+
+
+def test_data_test_is_a_key_of_the_classifier_tools_only(shards, tmp_path):
+    from mae_vit.config import PretrainConfig
+
+    assert cfg_for(tmp_path, shards, "data.test=/x/shard-{000000..000001}.tar").data.test == \
+        "/x/shard-{000000..000001}.tar"
+    assert cfg_for(tmp_path, shards).data.test is None  # null by default: no test evaluation
+    with pytest.raises(ConfigError, match="data.test"):
+        parse_config(PretrainConfig, ["data.test=/x/a.tar"])
+
+
+def test_a_missing_test_split_fails_before_training(shards, tmp_path):
+    from mae_vit.tasks.finetune import finetune
+
+    with pytest.raises(DataError, match="nothing"):
+        finetune(cfg_for(tmp_path / "run", shards, f"data.test={tmp_path / 'nothing' / 'shard-000000.tar'}"))
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -189,3 +189,29 @@ def test_the_probe_sweep_chooses_on_the_held_out_training_slice_never_on_the_tes
     shuffled = probe_sweep(train_x, train_y, test_x, test_y[torch.randperm(100, generator=g)], num_classes=4, epochs=5)
     assert shuffled["chosen"] == result["chosen"]  # the test labels play no part in the choice
     assert shuffled["test_top1"] < 50
+
+
+@pytest.mark.slow  # a whole training run
+def test_feature_cache_probe_evaluates_data_test_once_with_the_best_val_epoch_weights(shards, tmp_path, mae16, capsys):
+    out = tmp_path / "run"
+    _, test = ensure_demo_shards(tmp_path / "other", num_samples=96, seed=5)  # 24 images, none of the 16 val ones
+    linprobe(cfg_for(out, shards, "--checkpoint", str(mae16), "feature_cache=true", "optim.epochs=4",
+                     "optim.warmup_epochs=1", "train.mixed_precision=no", f"data.test={test}"))
+    metrics = json.loads((out / METRICS_NAME).read_text())
+    best_epoch = metrics["best"]["epoch"]
+    assert metrics["test"]["n"] == 24 and metrics["test"]["chosen_by"] == f"val top-1 at epoch {best_epoch:g}"
+    assert "test top-1" in capsys.readouterr().err
+
+    # the same figures from best.safetensors on the test images, through the whole classifier
+    classifier = create_model("vit_tiny_patch4", img_size=16, num_classes=10, global_pool=False, probe_bn=True,
+                              **SIZE).eval()
+    load_weights(classifier, out / "best.safetensors", strict=True)
+    used = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    loader = make_loader(test, transform=eval_transform(16, mean=used["mean"], std=used["std"]), batch_size=24,
+                         shuffle=False, drop_last=False)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        logits = classifier(batch["image"])
+    top1 = (logits.argmax(1) == batch["label"]).float().mean().item() * 100
+    assert metrics["test"]["top1"] == pytest.approx(top1)
+    assert metrics["test"]["loss"] == pytest.approx(F.cross_entropy(logits, batch["label"]).item(), rel=1e-4)

@@ -34,8 +34,9 @@ def test_logistic_regression_learns_the_sign_of_one_feature_and_ignores_noise():
     assert shuffled < 75.0                       # labels unrelated to the pixels: near chance (50%)
 
 
-def fake_chain(out):
-    """The files a finished chain leaves: metrics.json per run, TensorBoard scalars, timings, pixels."""
+def fake_chain(out, held_out=False):
+    """The files a finished chain leaves: metrics.json per run, TensorBoard scalars, timings, pixels. `held_out`:
+    as the chain leaves them today (each training run chose on a held-out val split and evaluated test once)."""
     from torch.utils.tensorboard import SummaryWriter
 
     def run(name, metrics, tag=None, values=()):
@@ -49,9 +50,14 @@ def fake_chain(out):
     run("pretrain", {"first_loss": 1.2, "last_loss": 0.4, "vs_random": {"pretrained": 70.0, "random_init": 40.0}},
         "train/loss", [(10, 1.0), (20, 0.6), (30, 0.4)])
     run("evaluate", {"metrics": {"knn": {"top1": 71.5}, "fewshot": {"draws": 5, "shots": {"25": {"mean": 55.0}}}}})
-    run("linprobe", {"final": {"top1": 75.3, "epoch": 90, "step": 900}})
+    def tested(top1, epoch):
+        return {"test": {"top1": top1, "top5": 99.0, "n": 10000, "chosen_by": f"val top-1 at epoch {epoch}"},
+                "best": {"top1": top1 + 1, "epoch": epoch}} if held_out else {}
+
+    run("linprobe", {"final": {"top1": 75.3, "epoch": 90, "step": 900}, **tested(74.1, 60)})
     for name, accs in (("finetune_mae", [80.0, 88.0]), ("finetune_scratch", [70.0, 85.0])):
-        run(name, {"final": {"top1": accs[-1], "epoch": 2, "step": 200}}, "val/top1", [(100, accs[0]), (200, accs[1])])
+        run(name, {"final": {"top1": accs[-1], "epoch": 2, "step": 200}, **tested(accs[-1] - 0.5, 2)}, "val/top1",
+            [(100, accs[0]), (200, accs[1])])
     (out / "wall_time.json").write_text(json.dumps({"pretrain": 600.0, "finetune_mae": 120.0}))
     (out / "pixels.json").write_text(json.dumps({"knn": 82.0, "logistic": 84.0, "seconds": 6.0}))
 
@@ -67,10 +73,11 @@ def test_report_has_the_table_the_json_and_both_curves(tmp_path):
     fake_chain(tmp_path)
     report = write_report(tmp_path, preset="cpu", commands={"pretrain": "python tools/pretrain.py ..."})
     text = report.read_text()
-    assert "| fine-tuned from the MAE weights | 88.0 | 2.0 min | " + str(tmp_path / "finetune_mae") in text
-    assert "| fine-tuned from scratch | 85.0 | - min |" in text          # no timing recorded: shown as missing
-    assert "| linear probe, MAE encoder (frozen) | 75.3 | - min |" in text
-    assert "| kNN, encoder at random init | 40.0 | 10.0 min |" in text
+    assert "| fine-tuned from the MAE weights | 88.0 | data.val, last epoch | 2.0 min | " + str(
+        tmp_path / "finetune_mae") in text
+    assert "| fine-tuned from scratch | 85.0 | data.val, last epoch | - min |" in text  # no timing: shown as missing
+    assert "| linear probe, MAE encoder (frozen) | 75.3 | data.val, last epoch | - min |" in text
+    assert "| kNN, encoder at random init | 40.0 | data.val | 10.0 min |" in text
     assert "MAE pretraining loss 1.200 -> 0.400" in text and "`python tools/pretrain.py ...`" in text
     results = json.loads((tmp_path / "results.json").read_text())
     by_what = {r["what"]: r["top1"] for r in results["rows"]}
@@ -84,3 +91,26 @@ def test_report_has_the_table_the_json_and_both_curves(tmp_path):
 def test_a_missing_run_shows_as_a_dash_not_an_error(tmp_path):
     rows = collect(tmp_path, "cpu")["rows"]
     assert all(r["top1"] is None for r in rows)
+
+
+def test_report_gives_the_test_top1_of_the_weights_chosen_on_held_out_val_and_says_which_split_chose_what(tmp_path):
+    fake_chain(tmp_path, held_out=True)
+    splits = {"train": 55000, "val": 5000, "test": 10000, "seed": 0, "source": 60000}
+    text = write_report(tmp_path, preset="cpu", splits=splits).read_text()
+    assert "| fine-tuned from the MAE weights | 87.5 | test, chosen on held-out val (epoch 2) | 2.0 min |" in text
+    assert "| fine-tuned from scratch | 84.5 | test, chosen on held-out val (epoch 2) |" in text
+    assert "| linear probe, MAE encoder (frozen) | 74.1 | test, chosen on held-out val (epoch 60) |" in text
+    assert "| kNN, MAE encoder (frozen) | 71.5 | test |" in text
+    assert "| kNN, encoder at random init | 40.0 | held-out val |" in text
+    assert "| logistic regression on raw pixels | 84.0 | test |" in text
+    assert "5,000 of the 60,000 training images (seed 0)" in text and "55,000" in text
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["splits"] == splits
+    row = next(r for r in results["rows"] if r["what"] == "fine-tuned from the MAE weights")
+    assert row["split"] == "test, chosen on held-out val (epoch 2)" and row["val_top1"] == 88.5
+
+
+def test_a_run_without_a_test_evaluation_is_labelled_with_its_val_split(tmp_path):
+    fake_chain(tmp_path)  # an older chain: the numbers are the last epoch's on data.val
+    text = write_report(tmp_path, preset="cpu").read_text()
+    assert "| fine-tuned from the MAE weights | 88.0 | data.val, last epoch |" in text
