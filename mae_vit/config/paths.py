@@ -4,8 +4,8 @@ A path in a config file or on the command line may hold `~` and environment vari
 (`$SCRATCH/runs`); relative paths are relative to the folder the tool was started from.
 `resolve_paths(cfg)` (called by `parse_config`, before anything reads or writes) turns each of them
 into an absolute path, so the run logs and saves in `config.yaml` the path it really used, and no
-folder named `~` ever appears. Shard specs (`data.train`, `data.val`) are expanded part by part:
-remote parts (`pipe:`, `http://`, ...) stay as they are, brace patterns are kept for the reader.
+folder named `~` ever appears. Shard specs (`data.train`, `data.val`, `data.test`) are expanded part
+by part: remote parts (`pipe:`, `http://`, ...) stay as they are, brace patterns are kept for the reader.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mae_vit.files import expand_path
 # Dotted config keys that hold one local path, and those that hold a shard spec.
 PATH_KEYS = ("train.output_dir", "output_dir", "data.cache_dir", "data_dir", "checkpoint", "json", "run", "output",
              "table")
-URL_KEYS = ("data.train", "data.val", "loader")
+URL_KEYS = ("data.train", "data.val", "data.test", "loader")
 # make_shards' `source` is a path unless it is one of the built-in sources.
 BUILTIN_SOURCES = ("synthetic", "fashion-mnist")
 

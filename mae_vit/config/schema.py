@@ -153,6 +153,15 @@ class TrainDataConfig(DataConfig):
 
 
 @dataclass
+class ClassifyDataConfig(TrainDataConfig):
+    """data"""
+    test: Optional[str] = key(None, "WebDataset URLs of a test split, evaluated ONCE at the end with the weights "
+                              "chosen on data.val (best.safetensors); its figures go to metrics.json as `test`. Keep "
+                              "it out of every choice: data.val should be held out from the training set; null = no "
+                              "test")
+
+
+@dataclass
 class AugmentConfig:
     """fine-tuning augmentation (official MAE fine-tuning recipe)"""
     randaug_num_ops: int = key(2, "0 disables RandAugment", AT_LEAST_0)

@@ -19,6 +19,7 @@ from mae_vit.config.schema import (
     UNIT,
     AdamWConfig,
     AugmentConfig,
+    ClassifyDataConfig,
     ClassifyRunConfig,
     DataConfig,
     FewShotConfig,
@@ -78,7 +79,7 @@ class FinetuneConfig:
     FLAGS: Flags = {**_TRAIN_FLAGS, "--checkpoint": ("checkpoint", "PATH"), "--resolution": ("resolution", "N"),
                     "--num-classes": ("model.num_classes", "K")}
     model: FinetuneModelConfig = section(FinetuneModelConfig, name="vit_tiny_patch4")
-    data: TrainDataConfig = section(TrainDataConfig)
+    data: ClassifyDataConfig = section(ClassifyDataConfig)
     optim: FinetuneOptimConfig = section(FinetuneOptimConfig, base_lr=5e-4, betas=[0.9, 0.999], epochs=100,
                                          warmup_epochs=5, min_lr=1e-6)
     augment: AugmentConfig = section(AugmentConfig)
@@ -99,7 +100,7 @@ class LinprobeConfig:
 
     FLAGS: Flags = {**_TRAIN_FLAGS, "--checkpoint": ("checkpoint", "PATH")}
     model: ProbeModelConfig = section(ProbeModelConfig, name="vit_tiny_patch4", global_pool=False)
-    data: TrainDataConfig = section(TrainDataConfig, crop_scale=[0.08, 1.0])
+    data: ClassifyDataConfig = section(ClassifyDataConfig, crop_scale=[0.08, 1.0])
     optim: LarsConfig = section(LarsConfig, base_lr=0.1, lr=6.4, weight_decay=0.0, epochs=90, warmup_epochs=10)
     train: ClassifyRunConfig = section(ClassifyRunConfig, output_dir="runs/linprobe")
     checkpoint: Optional[str] = key(None, "pretrained weights whose features are probed")

@@ -8,7 +8,10 @@ batch mixing and the loss) is in `finetune.py` and `linprobe.py`; this class add
 - a checkpoint at every epoch end (after the evaluation, so that the saved state knows the best);
 - the best validation top-1 exported to `best.safetensors` (and kept in the trainer state, so a
   resumed run still knows it), the last weights to `model.safetensors`, and `metrics.json` with the
-  final and the best metrics.
+  final and the best metrics;
+- with `data.test`: the test split evaluated ONCE, at the end, with the weights chosen on data.val
+  (best.safetensors), written to metrics.json as `test` with `chosen_by` ("val top-1 at epoch E").
+  data.val makes every choice, so it should be held out from the training set, never the test split.
 
 The pretrained checkpoint is read first, before anything is written (a bad path costs a second and
 leaves no trace), and is loaded only on a fresh start: a resumed run continues from its own state.
@@ -23,8 +26,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from mae_vit.checkpoint import EXPORT_NAME, export_safetensors, nonfinite_tensors, read_file, to_state_dict
-from mae_vit.data import read_index
+from mae_vit.checkpoint import (
+    EXPORT_NAME,
+    export_safetensors,
+    load_weights,
+    nonfinite_tensors,
+    read_file,
+    to_state_dict,
+)
+from mae_vit.data import expand_urls, read_index
 from mae_vit.errors import DataError, NonFiniteLossError
 from mae_vit.eval import classifier_metrics
 from mae_vit.files import write_json
@@ -38,7 +48,7 @@ from mae_vit.train.rundir import RunDir, TrainState
 log = logging.getLogger("mae_vit")
 
 BEST_NAME = "best.safetensors"    # weights of the best validation top-1
-METRICS_NAME = "metrics.json"     # final and best validation metrics
+METRICS_NAME = "metrics.json"     # final and best validation metrics, and the test split's (data.test)
 FEATURES_NAME = "features.pt"     # linear probing's feature cache
 
 
@@ -73,6 +83,10 @@ class ClassifierTask(Task):
         """Further results for metrics.json, worked out at the end (linear probing's probe sweep)."""
         return {}
 
+    def image_model(self) -> nn.Module:
+        """The trained module taking images (B, C, H, W) -> logits: what the test split is evaluated with."""
+        return self.model
+
     # ---- what the loop calls ----
 
     def check(self, resuming: bool) -> None:
@@ -84,7 +98,11 @@ class ClassifierTask(Task):
         if self.cfg.data.train is None:
             log.info("no data.train given: using the labelled synthetic demo shards %s (val %s)", self.train_urls,
                      self.val_urls)
-        self.num_classes = resolve_num_classes(self.cfg.model.num_classes, self.train_urls, self.val_urls)
+        self.test_urls = self.cfg.data.get("test")
+        if self.test_urls is not None:
+            expand_urls(self.test_urls)  # missing test shards fail now, not after the training
+        self.num_classes = resolve_num_classes(self.cfg.model.num_classes, self.train_urls, self.val_urls,
+                                               self.test_urls)
         # self.model: the trained module itself (the loop's prepared copy wraps this very object)
         self.model, self.classifier = self.make_model(self.num_classes, self.pretrained)  # shape errors come now
         self.pretrained = None
@@ -146,9 +164,11 @@ class ClassifierTask(Task):
         summary = {"task": self.name, "step": state.step, "epoch": state.epoch, "num_classes": self.num_classes,
                    "img_size": self.img_size, "train_loss": state.last_loss, "final": state.last_eval,
                    "best": state.best, **self.extra_results()}
-        on_main_process(self.accelerator, lambda: (export_safetensors(self.classifier, weights,
-                                                                      metadata=run_metadata(self.cfg)),
-                                                   write_json(metrics_file, summary)))
+        on_main_process(self.accelerator, lambda: export_safetensors(self.classifier, weights,
+                                                                     metadata=run_metadata(self.cfg)))
+        if self.test_urls is not None:  # after the export: the best weights replace the last ones in the model
+            summary["test"] = self.evaluate_test(state)
+        on_main_process(self.accelerator, lambda: write_json(metrics_file, summary))
         if state.last_eval is not None:
             log.info("done: step %d; final val top-1 %.2f%%, best %.2f%% at epoch %s; weights in %s and %s, metrics "
                      "in %s", state.step, state.last_eval["top1"], state.best["top1"],
@@ -157,17 +177,36 @@ class ClassifierTask(Task):
             log.info("done: step %d; weights in %s", state.step, weights)
         return {**summary, "weights": str(weights)}
 
+    def evaluate_test(self, state: TrainState) -> dict:
+        """data.test's top-1, top-5, loss and n, once, with the weights chosen on data.val (best.safetensors; the
+        last weights when there is no data.val), plus `chosen_by` and `weights` saying which."""
+        if state.best is not None:
+            weights, chosen_by = self.run.path / BEST_NAME, f"val top-1 at epoch {_epoch_text(state.best['epoch'])}"
+            self.accelerator.wait_for_everyone()  # the main process has written best.safetensors
+            load_weights(self.classifier, weights, strict=True, verbose=False)
+        else:
+            weights, chosen_by = self.run.path / EXPORT_NAME, "nothing (no data.val): the last weights"
+        test = ShardBatches(self.test_urls, self.cfg, transform_for(self.cfg, "eval", self.img_size),
+                            accelerator=self.accelerator, train=False)
+        metrics = classifier_metrics(self.image_model(), test.batches(), self.accelerator, stop_requested)
+        metrics.update(chosen_by=chosen_by, weights=str(weights))
+        log.info("test top-1 %.2f%%  top-5 %.2f%%  loss %.4f  (data.test, %d images, evaluated once) with the "
+                 "weights chosen by %s (%s)", metrics["top1"], metrics["top5"], metrics["loss"], metrics["n"],
+                 chosen_by, weights)
+        return metrics
+
 
 def read_pretrained(checkpoint: str | None) -> dict | None:
     """The state dict of `checkpoint` (any format `load_weights` reads), or None; CheckpointError if bad."""
     return None if checkpoint is None else to_state_dict(read_file(checkpoint))
 
 
-def resolve_num_classes(configured: int | None, train_urls: str, val_urls: str | None = None) -> int:
+def resolve_num_classes(configured: int | None, train_urls: str, val_urls: str | None = None,
+                        test_urls: str | None = None) -> int:
     """model.num_classes, else the classes in the training shards' index; DataError when neither says, or when
-    the training or validation shards hold more classes than that (checked now, not after an epoch)."""
-    found = {what: (read_index(urls) or {}).get("num_classes") for what, urls in (("training", train_urls),
-                                                                                  ("validation", val_urls)) if urls}
+    the training, validation or test shards hold more classes than that (checked now, not after an epoch)."""
+    found = {what: (read_index(urls) or {}).get("num_classes") for what, urls in (
+        ("training", train_urls), ("validation", val_urls), ("test", test_urls)) if urls}
     num_classes = configured if configured is not None else found["training"]
     if num_classes is None:
         raise DataError(

@@ -9,7 +9,8 @@ and stays in eval mode; only the head's parameters reach the optimizer: LARS wit
 `feature_cache=true` (small data sets): the features of the training set (evaluation transform, no
 augmentation) and of the validation set are computed once, kept in memory and saved to
 `features.pt` in the run directory (reused by a resumed run when they were made for the same model,
-data and checkpoint); the epochs then run over the cached features -- many epochs in seconds.
+data and checkpoint); the epochs then run over the cached features -- many epochs in seconds. The
+test split (`data.test`, evaluated once at the end) is not cached: its images go through the encoder.
 The loop is `train/loop.py`; evaluation and the best/last export are `tasks/classify.py`.
 """
 
@@ -155,6 +156,10 @@ class Linprobe(ClassifierTask):
         if cache["val"] is not None:
             val = TensorBatches(*cache["val"], train=False, **options)
         return train, val
+
+    def image_model(self) -> nn.Module:
+        self.model.on_features = False  # the test split is not cached: its images go through the frozen encoder
+        return self.model
 
     def extra_results(self) -> dict:
         cache = getattr(self, "cache", None)
