@@ -235,9 +235,9 @@ def test_encoder_check_compares_with_the_runs_own_initial_weights_on_the_validat
     seen = []
     real = pretrain_module.knn_monitor
 
-    def spy(accelerator, model, train_urls, val_urls, cfg):
+    def spy(accelerator, model, train_urls, val_urls, cfg, **options):
         seen.append((train_urls, val_urls, {k: v.detach().clone() for k, v in model.state_dict().items()}))
-        return real(accelerator, model, train_urls, val_urls, cfg)
+        return real(accelerator, model, train_urls, val_urls, cfg, **options)
 
     monkeypatch.setattr(pretrain_module, "knn_monitor", spy)
     # lr 1e-30: the "trained" encoder is its initial weights, so the two numbers must agree

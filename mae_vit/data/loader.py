@@ -1,7 +1,8 @@
 """The DataLoader over `ShardDataset` (`mae_vit.data.shards`): one rank's share of an epoch as batch dicts.
 
 `make_loader` builds it; `ShardLoader` folds the workers' count-only records into a neighbouring batch
-so that every skipped sample is counted; `rank_batch_counts` says how many full batches each rank gets.
+so that every skipped sample is counted, and with `persistent_workers` serves epoch after epoch from the
+same worker processes (`ShardLoader.epoch`); `rank_batch_counts` says how many full batches each rank gets.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from mae_vit.data.epoch_state import loader_seed
 from mae_vit.data.shards import ShardDataset
 from mae_vit.data.split import worker_batch_counts, worker_sample_counts
 from mae_vit.data.urls import expand_urls, shard_sample_counts
@@ -30,6 +32,13 @@ class ShardLoader(DataLoader):
 
     It holds one batch back so that counts arriving after the last batch still reach a batch.
     """
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
+        """The batches of `epoch` after its first `skip_batches`: the pass a loader made for them gives, from
+        this loader's workers when it keeps them (`persistent_workers`). The epoch is set when the first batch
+        is asked for; a pass left part-way is dropped by the next (the DataLoader discards what it prefetched)."""
+        self.dataset.set_epoch(epoch, skip_batches)
+        yield from self
 
     def __iter__(self) -> Iterator[dict]:
         held, pending = None, [0, 0]
@@ -54,24 +63,25 @@ class ShardLoader(DataLoader):
 
 
 def make_loader(urls: str | list[str], *, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
-                **dataset_options) -> ShardLoader:
+                persistent_workers: bool = False, **dataset_options) -> ShardLoader:
     """A `ShardLoader` over this rank's share of one epoch, yielding batch dicts (see module doc).
 
     `dataset_options` go to `ShardDataset` (transform, in_chans, rank, world_size, seed, epoch, shuffle,
     shuffle_buffer, with_labels, skip_batches, drop_last). Batches never mix workers (each worker
     batches its own samples, as any DataLoader over an IterableDataset does), so with drop_last each
     worker drops its own last partial batch: `rank_batch_counts` says how many full batches each rank
-    delivers. Augmentation randomness in the workers is seeded from (seed, epoch, rank) through the
-    DataLoader's generator. The loader already holds only this rank's
-    share: do not wrap it in a DistributedSampler or `accelerator.prepare` (that would split it again).
+    delivers. Augmentation randomness in the workers is seeded from (seed, epoch, rank, worker) at every pass
+    (`epoch_state.seed_worker`). `persistent_workers` (with num_workers > 0): the workers serve every later
+    `ShardLoader.epoch(...)` pass too, each as a new loader for that epoch would. The loader already holds
+    only this rank's share: do not wrap it in a DistributedSampler or `accelerator.prepare` (that would split it again).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
     dataset = ShardDataset(urls, batch_size=batch_size, **dataset_options)
-    generator = torch.Generator()
-    generator.manual_seed((dataset.seed * 1_000_003 + dataset.epoch) * 1_009 + dataset.rank)
+    # its own generator, so that the DataLoader's base seed is not drawn from the training process's stream
+    generator = torch.Generator().manual_seed(loader_seed(dataset.seed, dataset.state.get()[0], dataset.rank))
     return ShardLoader(
         dataset,
         batch_size=None,  # the dataset batches (per worker, as a DataLoader would) to carry the skip counts
@@ -79,6 +89,7 @@ def make_loader(urls: str | list[str], *, batch_size: int, num_workers: int = 0,
         collate_fn=_unchanged,
         pin_memory=pin_memory,
         generator=generator,
+        persistent_workers=persistent_workers and num_workers > 0,
     )
 
 

@@ -41,7 +41,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
-from mae_vit.data.split import assign, kept_in_range, resume_plan, worker_batch_counts, worker_sample_counts
+from mae_vit.data.epoch_state import EpochState, resume_point, seed_worker
+from mae_vit.data.split import assign, kept_in_range
 from mae_vit.data.transforms import to_8bit
 from mae_vit.data.urls import expand_urls, read_index, shard_sample_counts, tar_samples
 from mae_vit.errors import ConfigError, DataError
@@ -129,19 +130,22 @@ class ShardDataset(IterableDataset):
         self.keep_jpeg = keep_jpeg  # JPEG members stay encoded (1-D uint8 "encoded"): decoded later, on the GPU
         self.mode = "RGB" if in_chans == 3 else "L"
         self.rank, self.world_size = rank, world_size
-        self.seed, self.epoch = seed, epoch
+        self.seed = seed
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.with_labels = with_labels
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
         self.batch_size, self.drop_last = batch_size, drop_last
+        self.state = EpochState()  # shared with the workers: a loader keeps them from epoch to epoch
+        self.set_epoch(epoch, skip_batches)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The epoch of the next pass and the batches it leaves out (a resume); reaches started workers too."""
         if not isinstance(skip_batches, int) or skip_batches < 0:
             raise ConfigError(f"skip_batches must be an integer >= 0, got {skip_batches!r}.")
         if skip_batches and not self.batch_size:
             raise ConfigError("skip_batches counts batches: it needs batch_size (a positive integer).")
-        self.skip_batches = skip_batches
-        # samples per shard, needed only to resume inside an epoch
-        self.shard_counts = (self.expected or shard_sample_counts(self.urls)) if skip_batches else None
+        self.state.set(epoch, skip_batches)
 
     # -- pipeline stages ---------------------------------------------------------------------------
 
@@ -239,24 +243,22 @@ class ShardDataset(IterableDataset):
             yield _with_counts(collate_samples(batch), counter)
 
     def __iter__(self) -> Iterator[dict]:
+        """A pass over (epoch, skip_batches) as `set_epoch` left them when the DataLoader asked for it."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        skip = 0
-        if self.skip_batches:
-            per_worker = worker_sample_counts(
-                self.shard_counts, world_size=self.world_size, num_workers=num_workers,
-                seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-            )[self.rank]
-            skipped, next_turn = resume_plan(
-                worker_batch_counts(per_worker, self.batch_size, self.drop_last), self.skip_batches
-            )
-            worker = (worker + next_turn) % num_workers  # this process plays that worker (see resume_plan)
-            skip = skipped[worker] * self.batch_size
-        assignment = assign(
-            len(self.urls), rank=self.rank, world_size=self.world_size, worker=worker,
-            num_workers=num_workers, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-        )
-        rng = random.Random(f"mae_vit-samples-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        epoch, skip_batches = self.state.get()  # now: the next pass's epoch may be set before this one is read
+        if info is not None:
+            seed_worker(self.seed, epoch, self.rank, worker)  # a kept worker draws as a new one would
+        return self._pass(epoch, skip_batches, worker, num_workers)
+
+    def _pass(self, epoch: int, skip_batches: int, worker: int, num_workers: int) -> Iterator[dict]:
+        skip, split = 0, dict(rank=self.rank, world_size=self.world_size, num_workers=num_workers, seed=self.seed,
+                              epoch=epoch, shuffle=self.shuffle)
+        if skip_batches:  # this process plays the worker whose turn comes next (see split.resume_plan)
+            worker, skip = resume_point(self.expected or shard_sample_counts(self.urls), skip_batches=skip_batches,
+                                        batch_size=self.batch_size, drop_last=self.drop_last, worker=worker, **split)
+        assignment = assign(len(self.urls), worker=worker, **split)
+        rng = random.Random(f"mae_vit-samples-{self.seed}-{epoch}-{self.rank}-{worker}")
         counter = _SkipCounter()
         self._bad_samples = 0
         stream = self._shuffled(self._raw_samples(assignment, counter), rng)

@@ -46,6 +46,14 @@ class Pretrain(Task):
         self.cfg = cfg
         self.knn_top1 = self.probe = self.probe_top1 = self.probe_loss = None
         self.probe_loss_sum, self.probe_batches = 0.0, 0  # the head's cross-entropy this epoch (on the device)
+        self.eval_data = {}  # shards -> their evaluation batches: one loader each, its workers kept
+
+    def eval_batches(self, urls: str) -> ShardBatches:
+        """Labelled batches of `urls` for evaluation (eval transform, file order); built once per set."""
+        if urls not in self.eval_data:
+            self.eval_data[urls] = ShardBatches(urls, self.cfg, transform_for(self.cfg, "eval"),
+                                                accelerator=self.accelerator, train=False)
+        return self.eval_data[urls]
 
     def check(self, resuming: bool) -> None:
         if self.cfg.data.in_memory is None:  # the default: the small synthetic demo set in memory, shards streamed
@@ -100,16 +108,16 @@ class Pretrain(Task):
             self.probe_loss, self.probe_loss_sum, self.probe_batches = float(mean), 0.0, 0
             self.accelerator.log({"train/online_probe_loss": self.probe_loss}, step=step)
         if epoch_end and self.probe is not None and self.val_urls and _labelled(self.val_urls):
-            val = ShardBatches(self.val_urls, cfg, transform_for(cfg, "eval"), accelerator=self.accelerator,
-                               train=False)
             probe = ProbeClassifier(self.probe, cfg.model.mask_ratio)
-            self.probe_top1 = classifier_metrics(probe, val.batches(), self.accelerator, stop_requested)["top1"]
+            self.probe_top1 = classifier_metrics(probe, self.eval_batches(self.val_urls).batches(), self.accelerator,
+                                                 stop_requested)["top1"]
             self.accelerator.log({"val/online_probe_top1": self.probe_top1}, step=step)
             log.info("epoch %d: online probe top-1 %.2f%% on the validation split (its training cross-entropy %.3f; "
                      "chance: %.3f)", epoch, self.probe_top1, self.probe_loss,
                      math.log(self.probe.head[1].out_features))
         if epoch_end and cfg.knn.every and self.val_urls and epoch % cfg.knn.every == 0:
-            self.knn_top1 = knn_monitor(self.accelerator, self.model, self.train_urls, self.val_urls, cfg)
+            self.knn_top1 = knn_monitor(self.accelerator, self.model, self.train_urls, self.val_urls, cfg,
+                                        data=self.eval_batches)
             self.accelerator.log({"val/knn_top1": self.knn_top1}, step=step)
             log.info("epoch %d: kNN top-1 %.2f%% (k=%d, T=%g)", epoch, self.knn_top1, cfg.knn.k, cfg.knn.temperature)
 
@@ -119,7 +127,7 @@ class Pretrain(Task):
         on_main_process(a, lambda: export_safetensors(self.model, weights, metadata=run_metadata(cfg)))
         versus = None
         if cfg.knn.vs_random:
-            versus = encoder_vs_random(a, self.model, self.train_urls, self.val_urls, cfg)
+            versus = encoder_vs_random(a, self.model, self.train_urls, self.val_urls, cfg, data=self.eval_batches)
         if versus:
             a.log({"val/knn_top1": versus["pretrained"], "val/knn_top1_random_init": versus["random_init"]},
                   step=state.step)
@@ -142,24 +150,22 @@ def _fmt(x) -> str:
 
 
 def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictConfig,
-                should_stop=stop_requested) -> float:
+                should_stop=stop_requested, data=None) -> float:
     """kNN top-1 (%) of the encoder's class-token features: labelled train shards as the memory bank.
 
     Every process encodes its share of both sets (eval transform, no masking); the features are
     gathered once on the device, so that each process holds all of them there, and each process scores
     its share of the validation features with the weighted kNN.
     A stop signal breaks it off (`should_stop`, the run's pre-emption flag): `StoppedBySignal` on every process.
+    `data`: urls -> their evaluation `ShardBatches` (a run passes its kept ones); default: new ones.
     """
-    m, d = cfg.model, cfg.data
-    tf = transform_for(cfg, "eval")
+    data = data or (lambda urls: ShardBatches(urls, cfg, transform_for(cfg, "eval"), accelerator=accelerator,
+                                              train=False))
 
     def features(urls):
-        loader = make_loader(urls, transform=tf, batch_size=d.batch_size, num_workers=d.num_workers,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes, shuffle=False,
-                             with_labels=True, in_chans=m.in_chans, drop_last=False)
         with accelerator.autocast():
-            return extract_features(lambda x: model.forward_features(x)[:, 0].float(), loader, accelerator,
-                                    on_device=True, should_stop=should_stop)
+            return extract_features(lambda x: model.forward_features(x)[:, 0].float(), data(urls).batches(),
+                                    accelerator, on_device=True, should_stop=should_stop)
 
     was_training = model.training
     model.eval()
@@ -172,7 +178,8 @@ def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictCon
                         temperature=cfg.knn.temperature)
 
 
-def encoder_vs_random(accelerator, model, train_urls: str, val_urls: str | None, cfg: DictConfig) -> dict | None:
+def encoder_vs_random(accelerator, model, train_urls: str, val_urls: str | None, cfg: DictConfig,
+                      data=None) -> dict | None:
     """kNN top-1 on the validation split of the trained encoder and of the same encoder at its random init.
 
     "Is my loss normal?" has no answer in the loss alone; this one does: an encoder that learned
@@ -185,8 +192,8 @@ def encoder_vs_random(accelerator, model, train_urls: str, val_urls: str | None,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the same draw as the run's initial weights
         random_init = build_model(cfg.model, mae=True).to(accelerator.device)
-    versus = {"pretrained": knn_monitor(accelerator, model, train_urls, val_urls, cfg),
-              "random_init": knn_monitor(accelerator, random_init, train_urls, val_urls, cfg)}
+    versus = {"pretrained": knn_monitor(accelerator, model, train_urls, val_urls, cfg, data=data),
+              "random_init": knn_monitor(accelerator, random_init, train_urls, val_urls, cfg, data=data)}
     versus["gain"] = versus["pretrained"] - versus["random_init"]
     log.info("encoder check, kNN top-1 on the validation split (k=%d): pretrained %.1f%% vs the same encoder at "
              "random init %.1f%% (%+.1f points)", cfg.knn.k, versus["pretrained"], versus["random_init"],

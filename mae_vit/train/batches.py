@@ -60,7 +60,9 @@ class ShardBatches:
     """This process's share of WebDataset shards as batch dicts (`make_loader`), epoch by epoch.
 
     `train=True`: shuffled, full batches only. `train=False` (evaluation): file order, the last
-    partial batch kept, each sample on exactly one process.
+    partial batch kept, each sample on exactly one process. One loader serves every epoch: its workers are
+    started once, at the first `batches(...)`, and kept (each epoch's batches are those a loader built for
+    that epoch gives).
     """
 
     def __init__(self, urls: str, cfg: DictConfig, transform, *, accelerator, train: bool = True,
@@ -73,6 +75,7 @@ class ShardBatches:
         self.loader_options = dict(shuffle=train, shuffle_buffer=d.shuffle_buffer if train else 0,
                                    with_labels=labels, num_classes=cfg.model.get("num_classes"), drop_last=train,
                                    pin_memory=train and accelerator.device.type == "cuda")
+        self.loader = None
 
     def batches_per_epoch(self, epoch: int) -> int:
         """Full batches every process gets in `epoch` (the fewest of any process)."""
@@ -81,8 +84,11 @@ class ShardBatches:
                                      batch_size=o["batch_size"], seed=o["seed"], epoch=epoch))
 
     def batches(self, epoch: int = 0, skip: int = 0) -> Iterable[dict]:
-        return make_loader(self.urls, transform=self.transform, epoch=epoch, skip_batches=skip, **self.options,
-                           **self.loader_options)
+        """This process's batches of `epoch` after the first `skip`; read them before asking for another epoch."""
+        if self.loader is None:
+            self.loader = make_loader(self.urls, transform=self.transform, epoch=epoch, skip_batches=skip,
+                                      persistent_workers=True, **self.options, **self.loader_options)
+        return self.loader.epoch(epoch, skip)
 
 
 class TensorBatches:
