@@ -153,3 +153,16 @@ def test_a_pretraining_run_builds_each_of_its_loaders_with_workers_once(tmp_path
     with_workers = [urls for urls, workers in built if workers]
     first = {name: expand_urls(urls)[0] for name, urls in (("train", train), ("val", val))}
     assert sorted(with_workers) == sorted([first["train"], first["train"], first["val"]])
+
+
+def test_the_loader_benchmark_measures_the_epoch_boundary_with_a_new_loader_and_with_kept_workers(tmp_path):
+    from mae_vit.bench.loader_speed import loader_speed
+    from mae_vit.data import ensure_demo_shards
+
+    train, _ = ensure_demo_shards(tmp_path, num_samples=64, num_classes=4, img_size=8)
+    lines = []
+    result = loader_speed(train, img_size=8, batch_size=4, workers=(0, 2), seconds=0.1, report=lines.append)
+    boundary = result["epoch_boundary"]
+    assert boundary["workers"] == 2 and boundary["boundaries"] == 2
+    assert boundary["new_loader_s"] > 0 and boundary["kept_workers_s"] > 0 and boundary["batch_interval_s"] > 0
+    assert any(line.startswith("epoch boundary, 2 worker(s):") for line in lines)
