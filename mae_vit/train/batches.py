@@ -84,7 +84,8 @@ class ShardBatches:
                                      batch_size=o["batch_size"], seed=o["seed"], epoch=epoch))
 
     def batches(self, epoch: int = 0, skip: int = 0) -> Iterable[dict]:
-        """This process's batches of `epoch` after the first `skip`; read them before asking for another epoch."""
+        """This process's batches of `epoch` after the first `skip`. The loader serves one pass at a time: a pass
+        started later (another epoch, or this one again) drops what was left of this one."""
         if self.loader is None:
             self.loader = make_loader(self.urls, transform=self.transform, epoch=epoch, skip_batches=skip,
                                       persistent_workers=True, **self.options, **self.loader_options)
