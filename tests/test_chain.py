@@ -55,6 +55,13 @@ def test_the_chain_runs_every_stage_writes_the_report_and_a_rerun_skips_finished
     assert "--checkpoint" not in results["commands"]["finetune_scratch"]
     assert f"--checkpoint {out / 'pretrain'}" in results["commands"]["finetune_mae"]
     assert (out / "finetune_top1.png").is_file() and "| fine-tuned from the MAE weights |" in report.read_text()
+    assert results["splits"] == {"train": 160, "val": 40, "test": 80, "seed": 0, "source": 200}
+    for name in ("linprobe", "finetune_mae", "finetune_scratch"):  # test once, with the weights chosen on held-out val
+        test = json.loads((out / name / "metrics.json").read_text())["test"]
+        assert test["n"] == 80 and test["chosen_by"].startswith("val top-1 at epoch"), name
+    rows = {r["what"]: r for r in results["rows"]}
+    assert rows["fine-tuned from the MAE weights"]["split"].startswith("test, chosen on held-out val (epoch ")
+    assert "held-out val = 40 of the 200 training images (seed 0)" in report.read_text()
     lineage = (out / "runs" / "report.md").read_text()  # tools/report.py's report of the stage runs
     parent_hash = json.loads((out / "finetune_mae" / "lineage.json").read_text())["parent"]["sha256"]
     assert parent_hash[:12] in lineage and "finetune_scratch" in lineage
@@ -127,3 +134,23 @@ def test_the_plan_chooses_on_the_held_out_split_and_gives_the_test_split_only_as
     # the frozen encoder's kNN / few-shot choose nothing: bank = the training part, queries = the test split
     args = stages["evaluate"].args
     assert args[args.index("--data") + 1] == urls["train"] and f"data.val={urls['test']}" in args
+
+
+def test_a_chain_folder_whose_finished_stages_ran_other_commands_is_refused(tmp_path):
+    from mae_vit.errors import ConfigError
+
+    urls = {"train": "/d/fit/shard-000000.tar", "val": "/d/val/shard-000000.tar", "test": "/d/test/shard-000000.tar"}
+    out = tmp_path / "chain"
+    stages = chain.plan("cpu", out, urls)
+    (out / "finetune_mae").mkdir(parents=True)
+    (out / "finetune_mae" / "metrics.json").write_text("{}")  # finished by an earlier chain (no chain.json)
+    with pytest.raises(ConfigError, match=r"finetune_mae.*an earlier chain made it, which chose on the test split"):
+        chain.check_same_plan(out, stages, urls)
+    assert not (out / "chain.json").exists()
+    (out / "finetune_mae" / "metrics.json").unlink()
+    chain.check_same_plan(out, stages, urls)  # nothing finished: this plan is recorded
+    (out / "finetune_mae" / "metrics.json").write_text("{}")
+    chain.check_same_plan(out, stages, urls)  # the same commands: continues
+    other = {**urls, "val": "/d/other-val/shard-000000.tar"}
+    with pytest.raises(ConfigError, match=r"\(finetune_mae\) .* other commands"):
+        chain.check_same_plan(out, chain.plan("cpu", out, other), other)

@@ -3,6 +3,10 @@ encoder -> linear probe -> fine-tuning from the MAE weights and from scratch -> 
 
     python tools/fashion_mnist.py --preset cpu      # about 50 minutes on a 2-core CPU with AMX
     python tools/fashion_mnist.py --preset gpu      # about 10 min on one H100 / H200
+    python tools/fashion_mnist.py --preset cpu --train-samples 5000   # "my 5,000 images": a subset to train on
+
+Every choice (the checkpoint called best, the probe's best epoch, the kNN monitor) is made on 5,000
+training images held out by seed (--val-samples, split_seed=); the test split is evaluated once per run.
 
 Needs the Fashion-MNIST files (`apt-get install dataset-fashion-mnist`). Writes runs/fashion_mnist_<preset>/
 with one run directory per stage and report.md, results.json and curves. Re-running the same command
@@ -19,8 +23,10 @@ def main(argv):
     cfg = parse_config(ChainConfig, argv, prog="fashion_mnist.py")
     from mae_vit.apps.chain import run_chain  # after parsing: --help and config errors stay fast
 
-    out = cfg.output_dir or expand_path(f"runs/fashion_mnist_{cfg.preset}")
-    print(run_chain(cfg.preset, out, cfg.data_dir, cfg.source))
+    subset = "" if cfg.train_samples is None else f"_{cfg.train_samples}"
+    out = cfg.output_dir or expand_path(f"runs/fashion_mnist_{cfg.preset}{subset}")
+    print(run_chain(cfg.preset, out, cfg.data_dir, cfg.source, val_samples=cfg.val_samples,
+                    train_samples=cfg.train_samples, seed=cfg.split_seed))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,14 @@
            -> fine-tuning from the MAE weights -> the same fine-tuning from scratch -> raw-pixel baselines
            -> report (report.md, results.json, curves)
 
+Splits: `val_samples` (5,000) images of Fashion-MNIST's 60,000 training images are held out, fixed by
+`seed` (`data/holdout.py`); the models train on the rest (or on a `train_samples` subset of it). Every
+choice is made on the held-out split: pretraining's kNN monitor and online probe (data.val), the
+checkpoint that fine-tuning and the linear probe call best (data.val). The 10,000 test images are
+evaluated once per run, at the end, with the weights chosen on held-out val (data.test). The frozen
+encoder's kNN / few-shot and the raw-pixel baselines choose nothing: their memory bank / fit is the
+training part, their queries the test split.
+
 Each stage runs its tool (`tools/*.py`) as a subprocess, exactly as a user would type it, with the
 shipped recipe (`configs/*/fashion_mnist.yaml`) plus the preset's overrides; the commands are in the
 report. A stage whose result file exists is not run again, so an interrupted chain re-run with the
@@ -21,8 +29,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mae_vit.data import eval_transform, make_loader, make_shards, read_index, shard_urls
-from mae_vit.errors import DataError
+from mae_vit.data import eval_transform, load_fashion_mnist, make_loader, make_shards, read_index, shard_urls
+from mae_vit.data.fashion_mnist import CLASS_NAMES
+from mae_vit.data.holdout import holdout_indices, write_indexed_shards
+from mae_vit.errors import ConfigError, DataError
 from mae_vit.eval.features import extract_features
 from mae_vit.eval.pixels import pixel_baseline
 from mae_vit.files import write_json
@@ -33,6 +43,7 @@ from mae_vit.viz.run_report import write_run_report
 log = logging.getLogger("mae_vit")
 ROOT = Path(__file__).resolve().parents[2]
 TIMING, PIXELS = "wall_time.json", "pixels.json"  # in the chain's folder: seconds per stage, pixel baselines
+PLAN, SPLIT = "chain.json", "split.json"  # the chain's commands (in its folder); how a held-out split was drawn
 MEAN, STD = [0.2860], [0.3530]  # Fashion-MNIST training-set statistics of pixel / 255
 
 # Budget presets: overrides on top of configs/{pretrain,finetune,linprobe}/fashion_mnist.yaml, per stage.
@@ -46,7 +57,8 @@ PRESETS = {
                      "train.vis_every=500", "train.log_every=20", "knn.every=0"],
         # fine-tuning: flips only, layer decay 0.9, base lr 2e-3; in 2-epoch trials from the same MAE these
         # took top-1 from 84.5% (crops of 35-100%, decay 0.75, lr 1e-3) to 87.4 (crops 80-100%), 88.6 (no
-        # crop), 88.0 (80-100%, decay 0.9) and 88.9 (80-100%, decay 0.9, lr 2e-3): 28 px clothes are centred
+        # crop), 88.0 (80-100%, decay 0.9) and 88.9 (80-100%, decay 0.9, lr 2e-3): 28 px clothes are centred.
+        # Those trials were scored on the test split, before the chain held out a validation split (issue 20).
         "finetune": [*_CPU_MODEL, "data.batch_size=128", "data.in_memory=true", "optim.base_lr=2e-3",
                      "optim.layer_decay=0.9", "data.crop_scale=[1.0,1.0]", "optim.epochs=8", "optim.warmup_epochs=1",
                      "model.drop_path_rate=0.05", "augment.mixup=0", "augment.cutmix=0", "augment.randaug_num_ops=0",
@@ -84,40 +96,75 @@ class Stage:
         return shlex.join(["python", f"tools/{self.tool}", *self.args])
 
 
-def ensure_fashion_mnist_shards(data_dir: Path, source: str = "fashion-mnist") -> dict[str, str]:
-    """Write the train (60,000) and test (10,000) shards once into `data_dir`; returns their URL specs.
+def split_folder(data_dir: Path, val_samples: int, seed: int) -> Path:
+    """Where the held-out split of `val_samples` images drawn with `seed` lives (val/, fit/, fit-N/, split.json)."""
+    return Path(data_dir) / f"heldout-{val_samples}-seed{seed}"
 
-    `source` is make_shards' source: `fashion-mnist` (the Debian package or ./data) or `fashion-mnist:DIR`.
+
+def _written(folder: Path) -> dict | None:
+    """The index of the complete shards in `folder`, or None when they are not written yet."""
+    return read_index(str(folder)) if folder.is_dir() and any(folder.glob("*.tar")) else None
+
+
+def ensure_fashion_mnist_shards(data_dir: Path, source: str = "fashion-mnist", *, val_samples: int = 5000,
+                                train_samples: int | None = None, seed: int = 0) -> dict[str, str]:
+    """Write the chain's shards once into `data_dir`; returns the URL specs of "train", "val" and "test".
+
+    val: `val_samples` images held out of the training file (fixed by `seed`); train: the others, or a
+    `train_samples` subset of them; test: the 10,000 test images (`data_dir/test`). The sample keys are
+    the images' positions in their idx file. `source`: `fashion-mnist` (the Debian package or ./data) or
+    `fashion-mnist:DIR`. Sizes that do not fit are refused before anything is written.
     """
+    images, labels = load_fashion_mnist(source.partition(":")[2] or None, "train")
+    train, val = holdout_indices(len(images), val_samples, seed=seed, keep=train_samples)
+    split = split_folder(data_dir, val_samples, seed)
+    folders = {"train": (split / ("fit" if train_samples is None else f"fit-{train_samples}"), train),
+               "val": (split / "val", val)}
     urls = {}
-    for split in ("train", "test"):
-        folder = data_dir / split
-        index = read_index(str(folder)) if folder.is_dir() and any(folder.glob("*.tar")) else None
+    for name, (folder, positions) in folders.items():
+        index = _written(folder)
         if index is None:
-            log.info("writing the Fashion-MNIST %s shards into %s", split, folder)
-            index, _ = make_shards(source, folder, split=split, samples_per_shard=1000)
-        urls[split] = shard_urls(folder, "shard", len(index["shards"]))
+            log.info("writing the %s part (%d images) of the Fashion-MNIST training file into %s", name,
+                     len(positions), folder)
+            index = write_indexed_shards(images, labels, positions, folder, class_names=list(CLASS_NAMES))
+        urls[name] = shard_urls(folder, "shard", len(index["shards"]))
+    if read_json(split / SPLIT) is None:
+        write_json(split / SPLIT, {"source": source, "source_images": len(images), "held_out": val_samples,
+                                   "seed": seed, "rule": "data/holdout.py holdout_indices: the first held_out of "
+                                   "numpy default_rng(seed).permutation(source_images)"})
+    folder = Path(data_dir) / "test"
+    index = _written(folder)
+    if index is None:
+        log.info("writing the Fashion-MNIST test shards into %s", folder)
+        index, _ = make_shards(source, folder, split="test", samples_per_shard=1000)
+    urls["test"] = shard_urls(folder, "shard", len(index["shards"]))
     return urls
 
 
 def plan(preset: str, out: Path, urls: dict[str, str]) -> list[Stage]:
-    """The chain's stages for `preset`, with their run directories under `out`."""
-    p, data = PRESETS[preset], ["--data", urls["train"], f"data.val={urls['test']}"]
+    """The chain's stages for `preset`, with their run directories under `out`.
+
+    Training runs choose on the held-out split (data.val) and the classifiers evaluate the test split
+    once, with the weights chosen on it (data.test); the frozen encoder's kNN / few-shot, which choose
+    nothing, are measured on the test split.
+    """
+    p, data = PRESETS[preset], ["--data", urls["train"], f"data.val={urls['val']}"]
 
     def recipe(kind):
         return ["--config", str(ROOT / "configs" / kind / "fashion_mnist.yaml"), *data]
 
+    tested = [f"data.test={urls['test']}"]
     pre = out / "pretrain"
     def stage(name, tool, *args):
         return Stage(name, tool, [*args, "--output-dir", str(out / name)], out / name)
 
     return [
         stage("pretrain", "pretrain.py", *recipe("pretrain"), *p["pretrain"]),
-        stage("evaluate", "evaluate.py", "--checkpoint", str(pre), *data, "metrics=[knn,fewshot]",
-              "data.num_workers=2"),
-        stage("linprobe", "linprobe.py", *recipe("linprobe"), "--checkpoint", str(pre), *p["linprobe"]),
-        stage("finetune_mae", "finetune.py", *recipe("finetune"), "--checkpoint", str(pre), *p["finetune"]),
-        stage("finetune_scratch", "finetune.py", *recipe("finetune"), *p["finetune"]),
+        stage("evaluate", "evaluate.py", "--checkpoint", str(pre), "--data", urls["train"], f"data.val={urls['test']}",
+              "metrics=[knn,fewshot]", "data.num_workers=2"),
+        stage("linprobe", "linprobe.py", *recipe("linprobe"), *tested, "--checkpoint", str(pre), *p["linprobe"]),
+        stage("finetune_mae", "finetune.py", *recipe("finetune"), *tested, "--checkpoint", str(pre), *p["finetune"]),
+        stage("finetune_scratch", "finetune.py", *recipe("finetune"), *tested, *p["finetune"]),
     ]
 
 
@@ -136,7 +183,8 @@ def run_stage(stage: Stage, timing_file: Path) -> None:
 
 
 def pixel_stage(urls: dict[str, str]) -> dict:
-    """kNN and logistic regression on the normalised raw pixels, same train/test split as the encoder."""
+    """kNN and logistic regression on the normalised raw pixels: fit on the training part (as the encoder's kNN
+    bank), scored on the test split. Nothing is chosen on the test split (fixed k, fixed regularisation)."""
     tf = eval_transform(28, in_chans=1, mean=MEAN, std=STD, crop_pct=1.0, interpolation="bicubic")
 
     def load(spec):
@@ -151,19 +199,42 @@ def pixel_stage(urls: dict[str, str]) -> dict:
     return result
 
 
-def run_chain(preset: str, out: str | os.PathLike, data_dir: str | os.PathLike, source: str = "fashion-mnist") -> Path:
-    """Run (or continue) the whole chain for `preset`; returns the path of report.md."""
+def check_same_plan(out: Path, stages: list[Stage], urls: dict[str, str]) -> None:
+    """Refuse to continue in `out` when a finished stage there ran another command than this chain's (another
+    split, preset or subset; or an earlier chain, which chose on the test split): its numbers would be reported
+    as this chain's. Then records this chain's commands in `out/chain.json`."""
+    commands = {s.name: s.shown() for s in stages} | {"pixels": f"train={urls['train']} test={urls['test']}"}
+    results = {s.name: s.folder / s.result for s in stages} | {"pixels": out / PIXELS}
+    recorded = read_json(out / PLAN)
+    done = [name for name, path in results.items() if path.is_file()]
+    changed = [name for name in done if recorded is None or recorded.get(name) != commands[name]]
+    if changed:
+        why = ("it has no chain.json: an earlier chain made it, which chose on the test split" if recorded is None
+               else f"they ran other commands than this chain's (see {out / PLAN})")
+        raise ConfigError(f"{out} holds finished stages ({', '.join(changed)}) that this chain would report as its "
+                          f"own, but {why}. Give another --output-dir, or delete that folder to run them again.")
+    write_json(out / PLAN, commands)
+
+
+def run_chain(preset: str, out: str | os.PathLike, data_dir: str | os.PathLike, source: str = "fashion-mnist", *,
+              val_samples: int = 5000, train_samples: int | None = None, seed: int = 0) -> Path:
+    """Run (or continue) the whole chain for `preset`; returns the path of report.md. `val_samples` training
+    images are held out (fixed by `seed`) for every choice; `train_samples`: train on a subset of the rest."""
     setup_logging(True)
     out, start = Path(out), time.perf_counter()
+    urls = ensure_fashion_mnist_shards(Path(data_dir), source, val_samples=val_samples, train_samples=train_samples,
+                                       seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    urls = ensure_fashion_mnist_shards(Path(data_dir), source)
     stages = plan(preset, out, urls)
+    check_same_plan(out, stages, urls)
     for stage in stages:
         run_stage(stage, out / TIMING)
     if read_json(out / PIXELS) is None:
         log.info("[pixels] kNN and logistic regression on the raw pixels")
         write_json(out / PIXELS, pixel_stage(urls))
-    report = write_report(out, preset=preset, commands={s.name: s.shown() for s in stages})
+    splits = {name: read_index(spec)["num_samples"] for name, spec in urls.items()}
+    splits |= {"seed": seed, "source": read_json(split_folder(data_dir, val_samples, seed) / SPLIT)["source_images"]}
+    report = write_report(out, preset=preset, commands={s.name: s.shown() for s in stages}, splits=splits)
     runs = write_run_report([s.folder for s in stages], out / "runs")  # what tools/report.py writes: lineage, curves
     log.info("report: %s, lineage and curves of each run: %s (this invocation took %.0f s)", report, runs,
              time.perf_counter() - start)

@@ -8,6 +8,11 @@ few-shot linear accuracy (the largest shot count in `fewshot.shots`). Written in
 `sweep.json` (one row per step), `sweep.png` (quality against step) and `best_encoder.safetensors`
 (the weights of the checkpoint with the best kNN top-1). Keep more checkpoints (`train.keep_last`) for
 a finer curve.
+
+Choosing a checkpoint is a choice: it is made on data.val, which should be held out from the training
+set, never the test split the result is reported on. The Fashion-MNIST chain's pretraining run has its
+held-out split as data.val, so `--run runs/fashion_mnist_cpu/pretrain` chooses on it; evaluate the
+exported encoder on the test split once afterwards (tools/evaluate.py with data.val=<test shards>).
 """
 
 from __future__ import annotations
@@ -71,8 +76,8 @@ def sweep(cfg: DictConfig, user_keys=(), allowed=()) -> dict:
         save_figure(plot(rows, result["shots"]), run.path / "sweep.png")
 
     on_main_process(accelerator, write)
-    log.info("best checkpoint by kNN top-1: step %d (%.2f%%), exported to %s", best["step"], best["knn"],
-             run.path / "best_encoder.safetensors")
+    log.info("best checkpoint by kNN top-1 on data.val (%s): step %d (%.2f%%), exported to %s", val_urls, best["step"],
+             best["knn"], run.path / "best_encoder.safetensors")
     return result
 
 

@@ -206,13 +206,20 @@ class ChainConfig:
     """The Fashion-MNIST chain: shards, MAE pretraining, kNN/few-shot, linear probe, fine-tuning vs scratch, report."""
 
     FLAGS: Flags = {"--preset": ("preset", "NAME"), "--output-dir": ("output_dir", "DIR"),
-                    "--data-dir": ("data_dir", "DIR")}
+                    "--data-dir": ("data_dir", "DIR"), "--val-samples": ("val_samples", "N"),
+                    "--train-samples": ("train_samples", "N")}
     preset: str = key("cpu", "cpu (about 50 min on 2 cores with AMX) | gpu (about 10 min on one H100)",
                       one_of("cpu", "gpu"))
-    output_dir: Optional[str] = key(None, "runs and report; None = runs/fashion_mnist_<preset>")
-    data_dir: str = key("data/fashion-mnist", "the train/ and test/ shards are written here once")
+    output_dir: Optional[str] = key(None, "runs and report; None = runs/fashion_mnist_<preset>[_<train_samples>]")
+    data_dir: str = key("data/fashion-mnist", "the shards are written here once: test/ and heldout-<val_samples>-"
+                        "seed<split_seed>/ (val/, fit/ or fit-<train_samples>/)")
     source: str = key("fashion-mnist", "where the idx files are: fashion-mnist (Debian package, ./data) | "
                       "fashion-mnist:DIR")
+    val_samples: int = key(5000, "training images held out as the validation split that makes every choice (best "
+                           "checkpoint, probe epoch, kNN monitor); the test split is evaluated once per run", POSITIVE)
+    train_samples: Optional[int] = key(None, "train on this many of the remaining training images (a subset, e.g. "
+                                       "5000: a stand-in for a small data set); None = all of them", POSITIVE_OR_NULL)
+    split_seed: int = key(0, "draws the held-out split and the training subset")
 
 
 @dataclass

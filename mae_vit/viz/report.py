@@ -3,6 +3,10 @@
 Reads what the tools left in the chain's folder (each run's `metrics.json` and TensorBoard events,
 `pixels.json`, `wall_time.json`) and writes `report.md`, `results.json`, `pretrain_loss.png` and
 `finetune_top1.png` beside them. Nothing is recomputed: the report can be re-written at any time.
+
+Each row says which split it was measured on: a fine-tuned or probed classifier's figure is its
+test top-1, evaluated once with the weights chosen on the held-out val split ("test, chosen on
+held-out val (epoch E)"); a run without a test evaluation shows its last data.val figure, so labelled.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ def read_scalars(run_dir: str | os.PathLike, tag: str) -> list[tuple[int, float]
     return sorted(points.items())
 
 
-def collect(out: Path, preset: str, commands: dict[str, str] | None = None) -> dict:
-    """Everything the report shows, as one dict (written as results.json)."""
+def collect(out: Path, preset: str, commands: dict[str, str] | None = None, splits: dict | None = None) -> dict:
+    """Everything the report shows, as one dict (written as results.json). `splits`: the chain's image counts
+    {"train", "val", "test", "seed", "source"} (val held out of the `source` training images)."""
     runs = {name: read_json(out / name / "metrics.json") for name in
             ("pretrain", "evaluate", "linprobe", "finetune_mae", "finetune_scratch")}
     seconds = read_json(out / "wall_time.json") or {}
@@ -51,26 +56,39 @@ def collect(out: Path, preset: str, commands: dict[str, str] | None = None) -> d
     # the most shots that the data allowed (a class with fewer training images than shots has no figure)
     best_shot = max((n for n, r in shots.items() if r.get("mean") is not None), key=int, default="25")
 
-    def row(what, value, run, note=""):
-        return {"what": what, "top1": value, "run": str(out / run) if run else None,
+    def row(what, value, run, note="", split="test"):
+        return {"what": what, "top1": value, "split": split, "run": str(out / run) if run else None,
                 "seconds": seconds.get(run, pixels.get("seconds") if run is None else None), "note": note}
 
-    def final(name):
-        return ((runs[name] or {}).get("final") or {}).get("top1")
+    def trained(what, name, note=""):
+        """A classifier's row: its test top-1 with the weights chosen on held-out val, else its last val top-1."""
+        metrics = runs[name] or {}
+        test, best = metrics.get("test"), metrics.get("best") or {}
+        if test is not None:
+            epoch = test.get("chosen_by", "").rpartition(" ")[2]
+            split = f"test, chosen on held-out val (epoch {epoch})" if best else "test, last weights (no val)"
+            if best:
+                note = "; ".join(n for n in (note, f"held-out val top-1 {_fmt(best.get('top1'))}") if n)
+            return {**row(what, test["top1"], name, note), "split": split, "val_top1": best.get("top1")}
+        return {**row(what, (metrics.get("final") or {}).get("top1"), name, note), "split": "data.val, last epoch",
+                "val_top1": best.get("top1")}
+
+    val = "held-out val" if splits else "data.val"  # pretraining's data.val: held out since the chain has splits
 
     rows = [
         row("kNN on raw pixels (k=20, cosine)", pixels.get("knn"), None),
         row("logistic regression on raw pixels", pixels.get("logistic"), None),
-        row("kNN, encoder at random init", versus.get("random_init"), "pretrain", "same split, same kNN"),
+        row("kNN, encoder at random init", versus.get("random_init"), "pretrain",
+            f"the MAE encoder on the same split and kNN: {_fmt(versus.get('pretrained'))}", split=val),
         row("kNN, MAE encoder (frozen)", (enc.get("knn") or {}).get("top1"), "evaluate"),
         row(f"{best_shot}-shot linear, MAE encoder", (shots.get(best_shot) or {}).get("mean"), "evaluate",
             "ridge regression, mean of %s draws" % enc.get("fewshot", {}).get("draws")),
-        row("linear probe, MAE encoder (frozen)", final("linprobe"), "linprobe"),
-        row("fine-tuned from scratch", final("finetune_scratch"), "finetune_scratch"),
-        row("fine-tuned from the MAE weights", final("finetune_mae"), "finetune_mae",
-            "same recipe and budget as scratch"),
+        trained("linear probe, MAE encoder (frozen)", "linprobe"),
+        trained("fine-tuned from scratch", "finetune_scratch"),
+        trained("fine-tuned from the MAE weights", "finetune_mae", "same recipe and budget as scratch"),
     ]
-    return {"preset": preset, "machine": machine(), "rows": rows, "pretrain_loss": [pre.get("first_loss"),
+    return {"preset": preset, "machine": machine(), "splits": splits, "rows": rows,
+            "pretrain_loss": [pre.get("first_loss"),
             pre.get("last_loss")], "seconds": seconds, "commands": commands or {}, "runs": runs, "pixels": pixels}
 
 
@@ -94,8 +112,9 @@ def _fmt(value, digits=1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def plot_curves(out: Path) -> list[str]:
-    """The pretraining loss per step and the fine-tuning top-1 per epoch (MAE vs scratch), as PNGs."""
+def plot_curves(out: Path, val: str = "data.val") -> list[str]:
+    """The pretraining loss per step and the fine-tuning top-1 per epoch (MAE vs scratch) on `val` (the split's
+    name for the axis), as PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +130,7 @@ def plot_curves(out: Path) -> list[str]:
             xs = [s * per_epoch for s, _ in points] if per_epoch else [s for s, _ in points]
             ax.plot(xs, [v for _, v in points], marker="o" if per_epoch else None, label=run.name)
         ax.set_xlabel("epoch" if tag == "val/top1" else "optimizer step")
-        ax.set_ylabel("test top-1 (%)" if tag == "val/top1" else "loss (norm-pix MSE on masked patches)")
+        ax.set_ylabel(f"{val} top-1 (%)" if tag == "val/top1" else "loss (norm-pix MSE on masked patches)")
         ax.grid(alpha=0.3)
         ax.legend()
         save_figure(fig, out / name)
@@ -120,20 +139,35 @@ def plot_curves(out: Path) -> list[str]:
     return written
 
 
-def write_report(out: str | os.PathLike, *, preset: str, commands: dict[str, str] | None = None) -> Path:
-    """Write report.md, results.json and the curves into `out`; returns the path of report.md."""
+def splits_text(splits: dict | None) -> str:
+    """Which split chose what, in words, for the report."""
+    if not splits:
+        return ("Splits: the runs' data.val chose their best checkpoint and is where their figures come from "
+                "(no held-out split recorded).")
+    return (f"Splits: held-out val = {splits['val']:,} of the {splits['source']:,} training images (seed "
+            f"{splits['seed']}), never trained on; the models train on {splits['train']:,} others; test = the "
+            f"{splits['test']:,} test images. Every choice is made on held-out val: the checkpoint that fine-tuning "
+            "and the linear probe call best (its epoch is in the table), pretraining's kNN monitor and online probe. "
+            "The test split is evaluated once per run, at the end, with the weights chosen on held-out val. The "
+            "frozen encoder's kNN / few-shot and the raw-pixel baselines choose nothing: fit on the training part, "
+            "scored on test.")
+
+
+def write_report(out: str | os.PathLike, *, preset: str, commands: dict[str, str] | None = None,
+                 splits: dict | None = None) -> Path:
+    """Write report.md, results.json and the curves into `out`; returns the path of report.md. `splits`: the
+    chain's image counts (see `collect`)."""
     out = Path(out)
-    results = collect(out, preset, commands)
-    results["figures"] = plot_curves(out)
+    results = collect(out, preset, commands, splits)
+    results["figures"] = plot_curves(out, "held-out val" if splits else "data.val")
     write_json(out / "results.json", results)
     total = sum(results["seconds"].values()) + (results["pixels"].get("seconds") or 0)
     lines = [f"# Fashion-MNIST, preset `{preset}`", "",
-             f"Machine: {results['machine']}. Total wall time {total / 60:.1f} min. Test split: the 10,000 "
-             "Fashion-MNIST test images (never trained on; also the validation set of the training runs).", "",
-             "| what | test top-1 (%) | wall time | run directory | note |", "|---|---|---|---|---|"]
+             f"Machine: {results['machine']}. Total wall time {total / 60:.1f} min.", "", splits_text(splits), "",
+             "| what | top-1 (%) | measured on | wall time | run directory | note |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['what']} | {_fmt(r['top1'])} | {_fmt(r['seconds'] and r['seconds'] / 60)} min | "
-                     f"{r['run'] or '-'} | {r['note']} |")
+        lines.append(f"| {r['what']} | {_fmt(r['top1'])} | {r['split']} | {_fmt(r['seconds'] and r['seconds'] / 60)} "
+                     f"min | {r['run'] or '-'} | {r['note']} |")
     first, last = results["pretrain_loss"]
     lines += ["", f"MAE pretraining loss {_fmt(first, 3)} -> {_fmt(last, 3)}.", "",
               "![pretraining loss](pretrain_loss.png) ![fine-tuning top-1](finetune_top1.png)", "", "## Commands", ""]
