@@ -270,7 +270,7 @@ def test_help_lists_flags_and_every_key_with_default_and_comment(capsys):
     assert "null" in lines["checkpoint"]
     # every leaf key of the schema appears once
     keys = [k for k in lines]
-    assert len(keys) == len(set(keys)) == 12 + 17 + 12 + 6 + 15 + 2  # model, data, optim, augment, train, tool
+    assert len(keys) == len(set(keys)) == 12 + 18 + 12 + 6 + 15 + 2  # model, data, optim, augment, train, tool
 
 
 def test_short_help_flag(capsys):

@@ -42,7 +42,8 @@ def test_layout_index_and_exact_pixels(tmp_path):
     assert index["num_samples"] == 12 and index["num_classes"] == 10
     assert index["class_counts"] == {"0": 2, "1": 2, "2": 1, "3": 1, "4": 1, "5": 1, "6": 1, "7": 1, "8": 1, "9": 1}
     assert index["class_names"][:2] == ["a", "b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*index["shards"], "shard-index.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*index["shards"], "shard-index.json",
+                                                                 "shard-index.wids.json"])
 
     first = members(tmp_path / "shard-000000.tar")
     assert list(first)[:4] == ["00000000.png", "00000000.cls", "00000001.png", "00000001.cls"]
@@ -130,7 +131,8 @@ def test_overwrite_replaces_everything_of_that_prefix(tmp_path):
                          progress=False)
     assert index["shards"] == {"shard-000000.tar": 4}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "other-000000.tar", "other-index.json", "shard-000000.tar", "shard-index.json"
+        "other-000000.tar", "other-index.json", "other-index.wids.json", "shard-000000.tar", "shard-index.json",
+        "shard-index.wids.json"
     ]
 
 

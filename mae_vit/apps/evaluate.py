@@ -63,7 +63,7 @@ def evaluate(cfg: DictConfig, *, user_keys: Collection[str] = ()) -> dict:
     setup_logging(accelerator.is_main_process)
     cfg = model_config_from_run(cfg.checkpoint, cfg, user_keys=user_keys)
     state_dict = to_state_dict(read_file(cfg.checkpoint))  # a bad path fails here, before any data is touched
-    train_urls, val_urls = resolve_data(cfg, accelerator)
+    train_urls, val_urls = resolve_data(cfg, accelerator, counted=False)  # read to the end: no plan
     if val_urls is None:
         raise DataError("evaluation needs labelled validation shards: set data.val=URLS (brace-expanded WebDataset "
                         "shards with labels, e.g. data.val='data/val/shard-{000000..000009}.tar').")

@@ -20,7 +20,7 @@ from mae_vit.files import expand_path
 # Dotted config keys that hold one local path, and those that hold a shard spec.
 PATH_KEYS = ("train.output_dir", "output_dir", "data.cache_dir", "data_dir", "checkpoint", "json", "run", "output",
              "table")
-URL_KEYS = ("data.train", "data.val", "data.test", "loader")
+URL_KEYS = ("data.train", "data.val", "data.test", "data.index", "loader")
 # make_shards' `source` is a path unless it is one of the built-in sources.
 BUILTIN_SOURCES = ("synthetic", "fashion-mnist")
 

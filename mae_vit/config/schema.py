@@ -116,6 +116,9 @@ class DataConfig:
     train: Optional[str] = key(None, "WebDataset URLs, brace-expanded; None = synthetic demo shards (made on first "
                                      "use)")
     val: Optional[str] = key(None, "WebDataset URLs of the validation split; None = synthetic (or none)")
+    index: Optional[str] = key(None, "the index of the data.train shards (path, URL or pipe: command printing it: "
+                               "make_shards' shard-index.json or a wids index); needed for pipe: shards; None = "
+                               "the one beside the shards (local or http(s))")
     batch_size: int = key(64, "per process", POSITIVE)
     num_workers: int = key(2, "data-loading worker processes per training process", AT_LEAST_0)
     mean: Optional[List[float]] = key(None, "per-channel normalisation mean; null = the training shards' own (the "

@@ -42,9 +42,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
 from mae_vit.data.epoch_state import EpochState, resume_point, seed_worker
+from mae_vit.data.remote import shard_samples
 from mae_vit.data.split import assign, kept_in_range
 from mae_vit.data.transforms import to_8bit
-from mae_vit.data.urls import expand_urls, read_index, shard_sample_counts, tar_samples
+from mae_vit.data.urls import expand_urls, read_index, shard_sample_counts
 from mae_vit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class ShardDataset(IterableDataset):
         # labels must lie in [0, num_classes): the model's classes (given) and the index's, where either says
         limits = [n for n in (num_classes, index["num_classes"] if index else None) if n is not None]
         self.num_classes = min(limits) if limits else None
-        if with_labels and index is not None and index["num_classes"] is None:
+        if with_labels and index is not None and index["num_classes"] is None and index["labels_known"]:
             raise DataError(
                 f"The shards {urls!r} are unlabeled (their index has no classes) but labels were asked for. "
                 f"Use them where no labels are needed (pretraining), or write labelled shards."
@@ -155,18 +156,16 @@ class ShardDataset(IterableDataset):
         for shard in assignment.shards:
             url = self.urls[shard]
             expected = self.expected[shard] if self.expected else None
-            reader, n_read = tar_samples(url), 0
+            reader, n_read = shard_samples(url, expected), 0  # a remote shard is retried (mae_vit.data.remote)
             while True:
                 try:
                     sample = next(reader)
                 except StopIteration as stop:
-                    error = stop.value
+                    n_read, error = stop.value
                     break
                 if (position + n_read) % assignment.stride == assignment.slot:
                     yield sample
                 n_read += 1
-            if error is None and expected is not None and n_read < expected:
-                error = f"it ended after {n_read} of the {expected} samples its index lists"
             if error is not None:
                 counter.shards += 1
                 if expected is not None:

@@ -10,6 +10,8 @@ Output, in `output_dir`:
 - `{prefix}-index.json`: `{"shards": {"shard-000000.tar": n, ...}, "num_samples": N,
   "num_classes": K or null, "class_counts": {"0": n0, ...}, "class_names": [...] or null}`.
   The reader uses it to count samples per rank without opening the shards.
+- `{prefix}-index.wids.json`: the same shards in webdataset's wids index format (`mae_vit.data.shard_index`), for
+  webdataset's own tools (`wids.ShardListDataset`).
 
 Safety: nothing is written under a final name until every shard is complete. Shards are written to
 hidden temporary files (`.{prefix}-000000.tar.partial-<pid>`) which are renamed at the end, then the
@@ -37,6 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mae_vit.data.shard_file import RECORD, PartialShard, archived_size, finished_size, sample_members
+from mae_vit.data.shard_index import index_name, wids_index, wids_index_name
 from mae_vit.data.sources import open_source
 from mae_vit.data.stats import ImageStats
 from mae_vit.data.transforms import to_8bit
@@ -50,10 +53,6 @@ _KEY_RE = re.compile(r"^[^./\s][^.\s]*$")
 
 def shard_name(prefix: str, number: int) -> str:
     return f"{prefix}-{number:06d}.tar"
-
-
-def index_name(prefix: str) -> str:
-    return f"{prefix}-index.json"
 
 
 def shard_urls(output_dir: str | Path, prefix: str, num_shards: int) -> str:
@@ -113,8 +112,8 @@ def _remove_dead_writers_files(output_dir: Path, prefix: str) -> None:
 def _existing_targets(output_dir: Path, prefix: str) -> list[Path]:
     pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar$")
     found = sorted(p for p in output_dir.iterdir() if pattern.match(p.name))
-    if (output_dir / index_name(prefix)).exists():
-        found.append(output_dir / index_name(prefix))
+    found += [output_dir / name for name in (index_name(prefix), wids_index_name(prefix))
+              if (output_dir / name).exists()]
     return found
 
 
@@ -251,7 +250,8 @@ def _commit(shards, output_dir: Path, prefix: str, class_counts, num_classes, cl
     """Rename the finished temporaries into place, drop stale shards (overwrite) and write the index last."""
     marker = incomplete_marker(output_dir, prefix)
     write_text(marker, "make_shards was changing these shards; if this file is still here, it was interrupted\n")
-    (output_dir / index_name(prefix)).unlink(missing_ok=True)
+    for name in (index_name(prefix), wids_index_name(prefix)):
+        (output_dir / name).unlink(missing_ok=True)
     keep = {shard.final_path.name for shard in shards}
     for stale in _existing_targets(output_dir, prefix):
         if stale.name not in keep and stale.suffix == ".tar":
@@ -270,6 +270,8 @@ def _commit(shards, output_dir: Path, prefix: str, class_counts, num_classes, cl
         "stats": stats,
     }
     write_json(output_dir / index_name(prefix), index)
+    write_json(output_dir / wids_index_name(prefix), wids_index(prefix, [
+        (shard.final_path.name, shard.num_samples, shard.final_path.stat().st_size) for shard in shards]))
     marker.unlink()
     return index
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from mae_vit.checkpoint import LoadReport, load_weights
 from mae_vit.config.checks import validate_config
 from mae_vit.data import ensure_demo_shards, expand_urls, read_index
+from mae_vit.data.urls import require_index, use_index
 from mae_vit.errors import CheckpointError, ConfigError
 from mae_vit.models import create_model
 from mae_vit.train.optim import build_optimizer, param_groups
@@ -26,13 +27,20 @@ log = logging.getLogger("mae_vit")
 DEMO_IMG_SIZE = 32  # the synthetic demo images are drawn at 32 px; transforms resize them to the model's size
 
 
-def resolve_data(cfg: DictConfig, accelerator: Accelerator | None = None) -> tuple[str, str | None]:
+def resolve_data(cfg: DictConfig, accelerator: Accelerator | None = None, *, counted: bool = True
+                 ) -> tuple[str, str | None]:
     """(train_urls, val_urls). No `data.train`: the synthetic demo shards (written once into the cache).
 
-    Local paths are checked here, before any model is built, so a typo fails in a second. A null
-    data.mean / data.std is filled in here (`fill_normalisation`), so config.yaml holds the numbers used.
+    Local paths are checked here, before any model is built, so a typo fails in a second; so is `data.index` (read
+    and matched to the data.train shards) and, when the training shards must be `counted` (the epoch plan), the
+    index of remote ones. A null data.mean / data.std is filled in here (`fill_normalisation`), so config.yaml
+    holds the numbers used.
     """
     train, val = _data_urls(cfg.data, accelerator)
+    if cfg.data.train is not None and cfg.data.get("index"):
+        use_index(train, cfg.data.index)
+    if cfg.data.train is not None and counted:
+        require_index(train)  # remote shards are counted from their index alone
     fill_normalisation(cfg, train if cfg.data.train is not None else None)  # the demo: ImageNet's (tuned with them)
     return train, val
 
