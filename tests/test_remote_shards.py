@@ -232,5 +232,16 @@ def test_a_run_over_http_matches_the_local_run_and_resumes_mid_epoch(server, tmp
         (SHARDS * PER_SHARD, steps * 8, 0)}
 
 
+@pytest.mark.slow  # a whole training run
+def test_a_run_with_a_shard_that_stays_unreadable_takes_the_planned_steps_and_counts_the_loss(server, tmp_path):
+    base, state, root = server
+    _write(root / "data")
+    state["broken"] = {"shard-000004.tar"}
+    summary = _pretrain(tmp_path / "run", _http_spec(base), "optim.epochs=1")
+    assert summary["step"] == SHARDS * PER_SHARD // 8  # the plan's steps: the share is read again to fill them
+    done = read_state(RunDir(tmp_path / "run").latest())
+    assert done.samples_per_epoch == SHARDS * PER_SHARD and 0 < done.skipped_samples <= PER_SHARD
+
+
 def test_expanded_http_urls_are_kept_as_they_are():
     assert expand_urls("http://h/s-{0..1}.tar") == ["http://h/s-0.tar", "http://h/s-1.tar"]
