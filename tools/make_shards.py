@@ -8,8 +8,9 @@
 
 source: "synthetic", "fashion-mnist" (after `apt-get install dataset-fashion-mnist`; "fashion-mnist:DIR" for
 another folder) or a folder of images. `python tools/make_shards.py --help` lists every key. The shards land
-in output_dir as {prefix}-000000.tar, ... with {prefix}-index.json; existing ones are never replaced unless
-overwrite=true. The last line printed is the URL spec to pass to the training tools.
+in output_dir as {prefix}-000000.tar, ... with {prefix}-index.json (and the same list in webdataset's wids index
+format, {prefix}-index.wids.json); existing ones are never replaced unless overwrite=true. The last line printed
+is the URL spec to pass to the training tools.
 """
 
 import logging
