@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import tool
 
 from mae_vit.apps import chain
 from mae_vit.data import expand_urls, read_index
@@ -154,3 +155,16 @@ def test_a_chain_folder_whose_finished_stages_ran_other_commands_is_refused(tmp_
     other = {**urls, "val": "/d/other-val/shard-000000.tar"}
     with pytest.raises(ConfigError, match=r"\(finetune_mae\) .* other commands"):
         chain.check_same_plan(out, chain.plan("cpu", out, other), other)
+
+
+@pytest.mark.slow
+def test_shards_only_writes_the_held_out_split_and_the_test_shards_and_runs_no_stage(tmp_path):
+
+    source, data = fake_fashion_mnist(tmp_path), tmp_path / "shards"
+    done = tool("fashion_mnist.py", "shards_only=true", f"source={source}", "--data-dir", str(data),
+                "--val-samples", "50", "--output-dir", str(tmp_path / "runs"))
+    assert done.returncode == 0, done.stderr
+    printed = dict(line.split(": ", 1) for line in done.stdout.strip().splitlines())
+    assert sorted(printed) == ["test", "train", "val"]
+    assert [read_index(printed[s])["num_samples"] for s in ("train", "val", "test")] == [150, 50, 80]
+    assert not (tmp_path / "runs").exists()  # no stage ran

@@ -1,6 +1,5 @@
 """The shipped YAML recipes: each parses with its tool's schema, builds its model, and holds the paper's numbers."""
 
-import math
 import re
 from pathlib import Path
 
@@ -9,8 +8,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from mae_vit.config import FinetuneConfig, LinprobeConfig, MakeShardsConfig, PretrainConfig, parse_config
-from mae_vit.data.writer import shard_urls
+from mae_vit.config import FinetuneConfig, LinprobeConfig, PretrainConfig, parse_config
 from mae_vit.models import create_model
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -131,16 +129,19 @@ def test_linprobe_imagenet_recipes_are_the_papers(size):
 
 
 @pytest.mark.parametrize("tool", ["pretrain", "finetune", "linprobe"])
-def test_fashion_mnist_recipes_fit_the_data_and_the_shards_make_shards_writes(tool):
+def test_fashion_mnist_recipes_choose_on_the_held_out_split_that_fashion_mnist_py_writes(tool):
+    from mae_vit.apps.chain import split_folder
+
     cfg = load(f"{tool}/fashion_mnist.yaml")
     assert (cfg.model.img_size, cfg.model.in_chans) == (28, 1)
     assert (list(cfg.data.mean), list(cfg.data.std)) == ([0.2860], [0.3530])
-    per_shard = MakeShardsConfig().samples_per_shard
-    for split, key in (("train", "train"), ("test", "val")):
-        shards = math.ceil(FASHION_MNIST[split] / per_shard)
-        folder = Path.cwd() / f"data/fashion-mnist/{split}"
-        assert cfg.data[key] == shard_urls(folder, MakeShardsConfig().prefix, shards)
-    assert cfg.data.train == str(Path.cwd() / "data/fashion-mnist/train/shard-{000000..000059}.tar")
+    held_out = split_folder(Path.cwd() / "data/fashion-mnist", 5000, 0)  # ChainConfig's defaults
+    assert held_out == Path.cwd() / "data/fashion-mnist/heldout-5000-seed0"
+    assert cfg.data.train == str(held_out / "fit/shard-{000000..000054}.tar")  # 55,000 images, 1,000 per shard
+    assert cfg.data.val == str(held_out / "val/shard-{000000..000004}.tar")  # 5,000: every choice is made here
+    if tool != "pretrain":  # the test split: evaluated once, at the end, with the weights chosen on val
+        assert cfg.data.test == str(Path.cwd() / "data/fashion-mnist/test/shard-{000000..000009}.tar")
+    assert "test/" not in cfg.data.val
 
 
 def test_fashion_mnist_pretrain_is_an_mae_on_a_7x7_grid_with_a_small_decoder():

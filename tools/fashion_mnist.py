@@ -4,6 +4,7 @@ encoder -> linear probe -> fine-tuning from the MAE weights and from scratch -> 
     python tools/fashion_mnist.py --preset cpu      # about 50 minutes on a 2-core CPU with AMX
     python tools/fashion_mnist.py --preset gpu      # about 10 min on one H100 / H200
     python tools/fashion_mnist.py --preset cpu --train-samples 5000   # "my 5,000 images": a subset to train on
+    python tools/fashion_mnist.py shards_only=true  # only the shards, for configs/*/fashion_mnist.yaml by hand
 
 Every choice (the checkpoint called best, the probe's best epoch, the kNN monitor) is made on 5,000
 training images held out by seed (--val-samples, split_seed=); the test split is evaluated once per run.
@@ -13,6 +14,8 @@ with one run directory per stage and report.md, results.json and curves. Re-runn
 continues an interrupted chain: finished stages are kept.
 """
 
+from pathlib import Path
+
 from _run import run_tool  # tools/_run.py: puts this checkout on sys.path, so no install is needed
 
 from mae_vit.config import ChainConfig, parse_config
@@ -21,8 +24,13 @@ from mae_vit.config.paths import expand_path
 
 def main(argv):
     cfg = parse_config(ChainConfig, argv, prog="fashion_mnist.py")
-    from mae_vit.apps.chain import run_chain  # after parsing: --help and config errors stay fast
+    from mae_vit.apps.chain import ensure_fashion_mnist_shards, run_chain  # after parsing: --help stays fast
 
+    if cfg.shards_only:
+        urls = ensure_fashion_mnist_shards(Path(expand_path(cfg.data_dir)), cfg.source, val_samples=cfg.val_samples,
+                                           train_samples=cfg.train_samples, seed=cfg.split_seed)
+        print("\n".join(f"{name}: {spec}" for name, spec in urls.items()))
+        return
     subset = "" if cfg.train_samples is None else f"_{cfg.train_samples}"
     out = cfg.output_dir or expand_path(f"runs/fashion_mnist_{cfg.preset}{subset}")
     print(run_chain(cfg.preset, out, cfg.data_dir, cfg.source, val_samples=cfg.val_samples,

@@ -220,6 +220,8 @@ class ChainConfig:
     train_samples: Optional[int] = key(None, "train on this many of the remaining training images (a subset, e.g. "
                                        "5000: a stand-in for a small data set); None = all of them", POSITIVE_OR_NULL)
     split_seed: int = key(0, "draws the held-out split and the training subset")
+    shards_only: bool = key(False, "write the shards (test, held-out val, training part) and stop: for the recipes in "
+                            "configs/*/fashion_mnist.yaml run by hand")
 
 
 @dataclass
