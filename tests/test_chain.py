@@ -137,6 +137,22 @@ def test_the_plan_chooses_on_the_held_out_split_and_gives_the_test_split_only_as
     assert args[args.index("--data") + 1] == urls["train"] and f"data.val={urls['test']}" in args
 
 
+def test_the_small_preset_runs_the_small_data_recipes_with_fashion_mnists_data_keys(tmp_path):
+    from mae_vit.config import FinetuneConfig, PretrainConfig, parse_config
+
+    urls = {"train": "/d/fit-5000/shard-{000000..000004}.tar", "val": "/d/val/shard-{000000..000004}.tar",
+            "test": "/d/test/shard-{000000..000009}.tar"}
+    stages = {s.name: s for s in chain.plan("small", tmp_path, urls)}
+    for name, schema in (("pretrain", PretrainConfig), ("finetune_scratch", FinetuneConfig)):
+        args = stages[name].args
+        assert args[args.index("--config") + 1].endswith(f"{name.split('_')[0]}/small_data.yaml"), name
+        cfg = parse_config(schema, [a for a in args if a != "--output-dir" and a != str(tmp_path / name)])
+        assert (cfg.model.img_size, cfg.model.in_chans, list(cfg.data.mean)) == (28, 1, [0.286]), name
+        assert (cfg.model.embed_dim, cfg.model.depth) == (128, 6), name
+    linprobe = stages["linprobe"].args
+    assert linprobe[linprobe.index("--config") + 1].endswith("linprobe/fashion_mnist.yaml")
+
+
 def test_a_chain_folder_whose_finished_stages_ran_other_commands_is_refused(tmp_path):
     from mae_vit.errors import ConfigError
 

@@ -27,7 +27,7 @@ def load(relative: str):
 def test_every_recipe_folder_is_known_and_the_shipped_recipes_exist():
     assert {p.parent.name for p in ALL_FILES} == set(SCHEMAS)  # a YAML elsewhere would go untested
     shipped = {"pretrain/demo.yaml", "pretrain/fashion_mnist.yaml", "finetune/fashion_mnist.yaml",
-               "linprobe/fashion_mnist.yaml"}
+               "linprobe/fashion_mnist.yaml", "pretrain/small_data.yaml", "finetune/small_data.yaml"}
     shipped |= {f"pretrain/mae_vit_{size}_in1k.yaml" for size in SIZES}
     shipped |= {f"{tool}/vit_{size}_in1k.yaml" for tool in ("finetune", "linprobe") for size in SIZES}
     assert shipped <= {f"{p.parent.name}/{p.name}" for p in ALL_FILES}

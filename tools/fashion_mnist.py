@@ -3,7 +3,7 @@ encoder -> linear probe -> fine-tuning from the MAE weights and from scratch -> 
 
     python tools/fashion_mnist.py --preset cpu      # about 50 minutes on a 2-core CPU with AMX
     python tools/fashion_mnist.py --preset gpu      # about 10 min on one H100 / H200
-    python tools/fashion_mnist.py --preset cpu --train-samples 5000   # "my 5,000 images": a subset to train on
+    python tools/fashion_mnist.py --preset small --train-samples 5000   # "my 5,000 images": configs/*/small_data.yaml
     python tools/fashion_mnist.py shards_only=true  # only the shards, for configs/*/fashion_mnist.yaml by hand
 
 Every choice (the checkpoint called best, the probe's best epoch, the kNN monitor) is made on 5,000

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMING, PIXELS = "wall_time.json", "pixels.json"  # in the chain's folder: seconds per stage, pixel baselines
 PLAN, SPLIT = "chain.json", "split.json"  # the chain's commands (in its folder); how a held-out split was drawn
 MEAN, STD = [0.2860], [0.3530]  # Fashion-MNIST training-set statistics of pixel / 255
+FASHION_MNIST_KEYS = ["model.img_size=28", "model.in_chans=1", f"data.mean={MEAN}", f"data.std={STD}"]
 
 # Budget presets: overrides on top of configs/{pretrain,finetune,linprobe}/fashion_mnist.yaml, per stage.
 # Fine-tuning from MAE and from scratch get the same overrides: the comparison is at the same budget.
@@ -63,6 +64,14 @@ PRESETS = {
                      "optim.layer_decay=0.9", "data.crop_scale=[1.0,1.0]", "optim.epochs=8", "optim.warmup_epochs=1",
                      "model.drop_path_rate=0.05", "augment.mixup=0", "augment.cutmix=0", "augment.randaug_num_ops=0",
                      "augment.reprob=0", "train.mixed_precision=auto", "train.save_every=500", "train.log_every=20"],
+        "linprobe": [*_CPU_MODEL, "feature_cache=true", "data.batch_size=1024", "data.num_workers=2",
+                     "optim.lr=6.4", "optim.epochs=90", "optim.warmup_epochs=10", "train.mixed_precision=auto",
+                     "train.save_every=5000", "train.log_every=50"],
+    },
+    "small": {  # "my 5,000 images" (--train-samples 5000): pretraining and fine-tuning from the small-data recipes
+        "recipes": {"pretrain": "small_data", "finetune": "small_data"},
+        "pretrain": ["train.mixed_precision=auto", "knn.every=0"],
+        "finetune": ["train.mixed_precision=auto"],
         "linprobe": [*_CPU_MODEL, "feature_cache=true", "data.batch_size=1024", "data.num_workers=2",
                      "optim.lr=6.4", "optim.epochs=90", "optim.warmup_epochs=10", "train.mixed_precision=auto",
                      "train.save_every=5000", "train.log_every=50"],
@@ -151,7 +160,9 @@ def plan(preset: str, out: Path, urls: dict[str, str]) -> list[Stage]:
     p, data = PRESETS[preset], ["--data", urls["train"], f"data.val={urls['val']}"]
 
     def recipe(kind):
-        return ["--config", str(ROOT / "configs" / kind / "fashion_mnist.yaml"), *data]
+        name = p.get("recipes", {}).get(kind, "fashion_mnist")  # a general recipe gets Fashion-MNIST's data keys
+        return ["--config", str(ROOT / "configs" / kind / f"{name}.yaml"), *data,
+                *(FASHION_MNIST_KEYS if name != "fashion_mnist" else [])]
 
     tested = [f"data.test={urls['test']}"]
     pre = out / "pretrain"
