@@ -50,6 +50,9 @@ FASHION_MNIST_KEYS = ["model.img_size=28", "model.in_chans=1", f"data.mean={MEAN
 # Budget presets: overrides on top of configs/{pretrain,finetune,linprobe}/fashion_mnist.yaml, per stage.
 # Fine-tuning from MAE and from scratch get the same overrides: the comparison is at the same budget.
 _CPU_MODEL = ["model.embed_dim=128", "model.depth=6", "model.num_heads=4"]
+_CPU_LINPROBE = [*_CPU_MODEL, "feature_cache=true", "data.batch_size=1024", "data.num_workers=2", "optim.lr=6.4",
+                 "optim.epochs=90", "optim.warmup_epochs=10", "train.mixed_precision=auto", "train.save_every=5000",
+                 "train.log_every=50"]
 PRESETS = {
     "cpu": {  # about 50 minutes on a 2-core CPU with AMX (bf16); measured: 51.4 min, figures in the README
         "pretrain": [*_CPU_MODEL, "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4",
@@ -64,17 +67,13 @@ PRESETS = {
                      "optim.layer_decay=0.9", "data.crop_scale=[1.0,1.0]", "optim.epochs=8", "optim.warmup_epochs=1",
                      "model.drop_path_rate=0.05", "augment.mixup=0", "augment.cutmix=0", "augment.randaug_num_ops=0",
                      "augment.reprob=0", "train.mixed_precision=auto", "train.save_every=500", "train.log_every=20"],
-        "linprobe": [*_CPU_MODEL, "feature_cache=true", "data.batch_size=1024", "data.num_workers=2",
-                     "optim.lr=6.4", "optim.epochs=90", "optim.warmup_epochs=10", "train.mixed_precision=auto",
-                     "train.save_every=5000", "train.log_every=50"],
+        "linprobe": _CPU_LINPROBE,
     },
     "small": {  # "my 5,000 images" (--train-samples 5000): pretraining and fine-tuning from the small-data recipes
         "recipes": {"pretrain": "small_data", "finetune": "small_data"},
         "pretrain": ["train.mixed_precision=auto", "knn.every=0"],
         "finetune": ["train.mixed_precision=auto"],
-        "linprobe": [*_CPU_MODEL, "feature_cache=true", "data.batch_size=1024", "data.num_workers=2",
-                     "optim.lr=6.4", "optim.epochs=90", "optim.warmup_epochs=10", "train.mixed_precision=auto",
-                     "train.save_every=5000", "train.log_every=50"],
+        "linprobe": _CPU_LINPROBE,
     },
     "gpu": {  # about 10 minutes on one H100/H200 (not yet measured: see the README)
         "pretrain": ["optim.base_lr=1.5e-4", "optim.epochs=100", "optim.warmup_epochs=5", "data.batch_size=512",
