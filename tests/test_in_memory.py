@@ -217,3 +217,52 @@ def test_an_in_memory_epoch_on_the_gpu_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
     assert len(batches) == 6 and batches[0]["image"].device.type == "cuda"
     assert sorted(torch.cat([b["label"] for b in data.batches(1)]).tolist()) == list(range(64))
+
+
+def test_in_memory_evaluation_batches_are_the_shard_paths_eval_images_resized_and_cropped_once(tmp_path):
+    from types import SimpleNamespace
+
+    from mae_vit.train.batches import ShardBatches, eval_batches, transform_for
+
+    write_shards(synthetic_samples(20, img_size=12), tmp_path, samples_per_shard=6, progress=False, stats=False)
+    urls = str(tmp_path / "shard-{000000..000003}.tar")
+    cfg = parse_config(PretrainConfig, [*TINY, "model.img_size=8", "data.mean=[0.4,0.5,0.6]", "data.std=[0.2,0.3,0.4]",
+                                        "data.batch_size=6", "data.in_memory=true"])
+    one = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    shard = list(ShardBatches(urls, cfg, transform_for(cfg, "eval"), accelerator=one, train=False).batches())
+    memory = eval_batches(urls, cfg, accelerator=one)
+    assert memory.inputs.dtype == torch.uint8 and memory.inputs.shape == (20, 3, 8, 8)  # 12 px resized and cropped
+    for _ in range(2):  # every pass gives the same batches, from the tensor
+        batches = list(memory.batches())
+        assert [len(b["label"]) for b in batches] == [6, 6, 6, 2]  # the last partial batch kept, as on shards
+        assert torch.equal(torch.cat([b["label"] for b in batches]), torch.cat([b["label"] for b in shard]))
+        assert torch.equal(torch.cat([b["image"] for b in batches]), torch.cat([b["image"] for b in shard]))
+    halves = [eval_batches(urls, cfg, accelerator=SimpleNamespace(process_index=r, num_processes=2, device="cpu"))
+              for r in (0, 1)]
+    labels = [torch.cat([b["label"] for b in h.batches()]) for h in halves]
+    assert sorted(torch.cat(labels).tolist()) == sorted(torch.cat([b["label"] for b in shard]).tolist())
+
+
+@pytest.mark.slow  # a whole training run
+def test_in_memory_pretraining_evaluates_from_memory_without_a_loader_per_set(tmp_path, monkeypatch):
+    """The online probe's validation every epoch, the kNN monitor and the encoder check read the sets decoded once
+    (before: one loader with workers per set, decoding and resizing every image again at every pass)."""
+    from mae_vit.data import ensure_demo_shards, loader
+    from mae_vit.tasks.pretrain import pretrain
+    from tests.test_pretrain import args
+
+    built = []
+
+    class Counted(loader.ShardLoader):
+        def __init__(self, dataset, **options):
+            built.append(options["num_workers"])
+            super().__init__(dataset, **options)
+
+    monkeypatch.setattr(loader, "ShardLoader", Counted)
+    train, val = ensure_demo_shards(tmp_path / "cache", num_samples=64)
+    summary = pretrain(parse_config(PretrainConfig, args(tmp_path / "run", train, "optim.epochs=2", "knn.every=1",
+                                                         "data.num_workers=1", f"data.val={val}",
+                                                         "data.in_memory=true")))
+    assert summary["online_probe_top1"] is not None and summary["vs_random"] is not None
+    assert summary["knn_top1"] == summary["vs_random"]["pretrained"]  # the same encoder, the same memory
+    assert built == [0]  # only the fixed reconstruction images, read once without workers

@@ -35,8 +35,10 @@ MEMORY_LIMIT = 8 * 2**30  # bytes of the uint8 tensor (N, C, H, W)
 
 
 def decode_all(urls, in_chans: int, *, labels: bool | None = None, num_classes: int | None = None,
-               limit_bytes: int = MEMORY_LIMIT) -> tuple[torch.Tensor, torch.Tensor]:
+               limit_bytes: int = MEMORY_LIMIT, transform=TF.pil_to_tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 (N, C, H, W), labels int64 (N,)) of every readable sample of `urls`, in file order.
+
+    `transform`: PIL image -> uint8 tensor (C, H, W); the default keeps the stored pixels.
 
     `labels`: read the `cls` labels (None: when the shard index lists classes); -1 where not read. A sample
     whose label is not a class (`num_classes`: the model's; the index's) is left out and counted as unreadable.
@@ -45,7 +47,7 @@ def decode_all(urls, in_chans: int, *, labels: bool | None = None, num_classes: 
     if labels is None:
         labels = bool((read_index(shards) or {}).get("num_classes"))
     counted = sum(shard_sample_counts(shards))  # from the index, else the tar headers
-    reader = ShardDataset(shards, transform=TF.pil_to_tensor, in_chans=in_chans, shuffle=False, with_labels=labels,
+    reader = ShardDataset(shards, transform=transform, in_chans=in_chans, shuffle=False, with_labels=labels,
                           num_classes=num_classes)
     images, targets, n = None, torch.full((counted,), -1, dtype=torch.long), 0
     for sample in reader:

@@ -209,8 +209,10 @@ def eval_transform(
     std=None,
     crop_pct: float | None = None,
     interpolation: str = "bicubic",
+    normalise: bool = True,
 ) -> v2.Compose:
-    """Resize the shorter side to int(img_size / crop_pct), CenterCrop(img_size), normalise."""
+    """Resize the shorter side to int(img_size / crop_pct), CenterCrop(img_size), normalise (`normalise=False`:
+    a uint8 tensor (C, H, W) instead, for images kept in memory and normalised batch by batch)."""
     _check_size(img_size)
     mean, std = _stats(in_chans, mean, std)
     crop_pct = default_crop_pct(img_size) if crop_pct is None else crop_pct
@@ -219,7 +221,7 @@ def eval_transform(
     resize = int(img_size / crop_pct)
     return v2.Compose(
         [ToMode(in_chans), v2.Resize(resize, interpolation=_interpolation(interpolation)), v2.CenterCrop(img_size)]
-        + _to_normalised_tensor(mean, std)
+        + (_to_normalised_tensor(mean, std) if normalise else [v2.functional.pil_to_tensor])
     )
 
 

@@ -38,7 +38,7 @@ from mae_vit.data import expand_urls, read_index
 from mae_vit.errors import DataError, NonFiniteLossError
 from mae_vit.eval import classifier_metrics
 from mae_vit.files import write_json
-from mae_vit.train.batches import ShardBatches, transform_for
+from mae_vit.train.batches import ShardBatches, eval_batches, transform_for
 from mae_vit.train.build import resolve_data
 from mae_vit.train.loop import Task
 from mae_vit.train.monitor import on_main_process, stop_requested
@@ -115,8 +115,7 @@ class ClassifierTask(Task):
         self.run = run
         val = None
         if self.val_urls is not None:
-            val = ShardBatches(self.val_urls, self.cfg, transform_for(self.cfg, "eval", self.img_size),
-                               accelerator=self.accelerator, train=False)
+            val = eval_batches(self.val_urls, self.cfg, accelerator=self.accelerator, img_size=self.img_size)
         train, self.val = self.make_train_data(val, resumed)
         if self.val is None:
             log.warning("no validation data (data.val): no evaluation, no %s; metrics.json gets the training loss "

@@ -20,7 +20,7 @@ from mae_vit.data import make_loader, read_index
 from mae_vit.eval import classifier_metrics, extract_features, knn_accuracy
 from mae_vit.files import write_json
 from mae_vit.tasks.online_probe import OnlineProbe, ProbeClassifier, probe_param_groups
-from mae_vit.train.batches import ShardBatches, train_batches, transform_for
+from mae_vit.train.batches import eval_batches, train_batches, transform_for
 from mae_vit.train.build import build_adamw, build_model, resolve_data
 from mae_vit.train.loop import Task, train
 from mae_vit.train.monitor import on_main_process, stop_requested
@@ -48,11 +48,10 @@ class Pretrain(Task):
         self.probe_loss_sum, self.probe_batches = 0.0, 0  # the head's cross-entropy this epoch (on the device)
         self.eval_data = {}  # shards -> their evaluation batches: one loader each, its workers kept
 
-    def eval_batches(self, urls: str) -> ShardBatches:
+    def eval_batches(self, urls: str):
         """Labelled batches of `urls` for evaluation (eval transform, file order); built once per set."""
         if urls not in self.eval_data:
-            self.eval_data[urls] = ShardBatches(urls, self.cfg, transform_for(self.cfg, "eval"),
-                                                accelerator=self.accelerator, train=False)
+            self.eval_data[urls] = eval_batches(urls, self.cfg, accelerator=self.accelerator)
         return self.eval_data[urls]
 
     def check(self, resuming: bool) -> None:
@@ -157,10 +156,9 @@ def knn_monitor(accelerator, model, train_urls: str, val_urls: str, cfg: DictCon
     gathered once on the device, so that each process holds all of them there, and each process scores
     its share of the validation features with the weighted kNN.
     A stop signal breaks it off (`should_stop`, the run's pre-emption flag): `StoppedBySignal` on every process.
-    `data`: urls -> their evaluation `ShardBatches` (a run passes its kept ones); default: new ones.
+    `data`: urls -> their evaluation batches (a run passes its kept ones); default: new ones (`eval_batches`).
     """
-    data = data or (lambda urls: ShardBatches(urls, cfg, transform_for(cfg, "eval"), accelerator=accelerator,
-                                              train=False))
+    data = data or (lambda urls: eval_batches(urls, cfg, accelerator=accelerator))
 
     def features(urls):
         with accelerator.autocast():

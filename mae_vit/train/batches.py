@@ -161,6 +161,35 @@ class MemoryBatches(TensorBatches):
             yield {**batch, "image": self.normalise(x)}
 
 
+class NormalisedBatches(TensorBatches):
+    """TensorBatches of uint8 images (N, C, H, W), normalised batch by batch on their device: pixel / 255, then
+    (x - mean) / std, the arithmetic of the shard path's `ToNormalisedTensor`, so the values are the same."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, mean, std, **options):
+        super().__init__(images, labels, **options)
+        self.normalise = _normaliser(mean, std, images.device)
+
+    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict]:
+        for batch in super().batches(epoch, skip):
+            yield {**batch, "image": self.normalise(batch["image"].float().div_(255.0))}
+
+
+def eval_batches(urls: str, cfg: DictConfig, *, accelerator, img_size: int | None = None):
+    """Labelled evaluation batches of `urls` (eval transform, file order, each sample on one process) for a set
+    evaluated many times (every epoch, two encoders). With `data.in_memory`: resized and cropped once, held
+    as uint8 on the accelerator's device (`NormalisedBatches`), so no later pass decodes anything;
+    otherwise a `ShardBatches` whose loader keeps its workers."""
+    if not cfg.data.get("in_memory", False):
+        return ShardBatches(urls, cfg, transform_for(cfg, "eval", img_size), accelerator=accelerator, train=False)
+    m, d = cfg.model, cfg.data
+    pixels = eval_transform(img_size or m.img_size, in_chans=m.in_chans, crop_pct=d.crop_pct,
+                            interpolation=d.interpolation, normalise=False)
+    images, targets = decode_all(urls, m.in_chans, labels=True, num_classes=m.get("num_classes"), transform=pixels)
+    device = accelerator.device
+    return NormalisedBatches(images.to(device), targets.to(device), mean=d.mean, std=d.std, batch_size=d.batch_size,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes, train=False)
+
+
 class GpuDecodeBatches(ShardBatches):
     """ShardBatches whose workers leave the JPEGs encoded: each batch is decoded (one nvJPEG call on a GPU),
     cropped, flipped and normalised on the accelerator's device (`mae_vit.data.gpu_decode`). Shares, order
