@@ -25,7 +25,8 @@ from mae_vit.train.run_config import find_run_config, model_config_from_run, use
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "evaluate.py"
 BIAS = torch.arange(10, 0, -1).float()  # logits of the hand-set head: class 0 first, then 1, 2, ...
-SMALL = ["model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]  # a 2-block, 32-wide ViT
+# a 2-block, 32-wide ViT on 4 px patches
+SMALL = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
 MAE_SMALL = [*SMALL, "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"]
 
 

@@ -18,7 +18,8 @@ from mae_vit.models import create_model
 from mae_vit.train.build import build_model
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "visualize.py"
-SMALL = ["model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]  # a 2-block, 32-wide ViT
+# a 2-block, 32-wide ViT on 4 px patches
+SMALL = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2"]
 DECODER = ["model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"]
 FIGURES = ["patch_embedding.png", "position_similarity.png", "attention_distance.png", "cls_attention.png"]
 

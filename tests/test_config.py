@@ -36,10 +36,11 @@ def write(path, text):
 def test_defaults_per_tool():
     pre = parse_config(PretrainConfig, [])
     # the pretraining defaults are the CPU demo (the paper's recipes are YAML files in configs/)
-    assert pre.model.name == "mae_vit_tiny_patch4" and pre.model.depth == 6
-    assert pre.optim.base_lr == 4e-3 and pre.optim.epochs == 60
+    assert pre.model.name == "mae_vit_mini_patch8" and pre.model.depth is None  # the size comes with the name
+    assert (pre.model.mask_ratio, pre.data.synthetic_samples) == (0.5, 8192)
+    assert pre.optim.base_lr == 4e-3 and pre.optim.epochs == 12
     assert pre.data.in_memory is None  # resolved by the tool: true for the synthetic demo only
-    assert (pre.model.decoder_embed_dim, pre.model.decoder_depth, pre.model.decoder_num_heads) == (128, 2, 4)
+    assert (pre.model.decoder_embed_dim, pre.model.decoder_depth, pre.model.decoder_num_heads) == (128, 1, 4)
     assert list(pre.optim.betas) == [0.9, 0.95] and pre.train.output_dir == here("runs/pretrain")
 
     fin = parse_config(FinetuneConfig, [])
@@ -66,7 +67,7 @@ def test_defaults_per_tool():
 def test_defaults_of_one_tool_do_not_leak_into_another():
     parse_config(FinetuneConfig, ["optim.epochs=7"])
     assert parse_config(FinetuneConfig, []).optim.epochs == 100
-    assert parse_config(PretrainConfig, []).optim.epochs == 60
+    assert parse_config(PretrainConfig, []).optim.epochs == 12
 
 
 def test_merge_order_defaults_then_yaml_then_cli(tmp_path):

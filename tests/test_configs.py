@@ -82,6 +82,22 @@ def test_demo_mirrors_the_pretrain_defaults():
     )
 
 
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_recipe_builds_the_encoder_its_model_name_gives_unless_it_sets_the_size_itself(path):
+    # the demo's defaults once had depth=6: a recipe naming mae_vit_base_patch16 built a 6-block ViT-B
+    from mae_vit.models import SIZES as NAMED
+    from mae_vit.train.build import build_model
+
+    cfg = parse_config(SCHEMAS[path.parent.name], ["--config", str(path)])
+    named = NAMED[re.match(r"(?:mae_)?vit_([a-z]+)_", cfg.model.name)[1]]
+    own = (yaml.safe_load(path.read_text()) or {}).get("model", {})
+    expected = [own.get(k) or n for k, n in zip(("embed_dim", "depth", "num_heads"), named)]
+    model = build_model(cfg.model, mae=path.parent.name == "pretrain") if expected[0] <= 192 else None
+    if model is not None:  # the large ones: from the config alone, without building them
+        assert [model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads] == expected
+    assert [cfg.model[k] or n for k, n in zip(("embed_dim", "depth", "num_heads"), named)] == expected
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_pretrain_imagenet_recipes_are_the_papers(size):
     cfg = load(f"pretrain/mae_vit_{size}_in1k.yaml")

@@ -6,7 +6,8 @@ Names:
 - `vit_{size}_patch{P}`: classifier (zero-initialised head);
 - `mae_vit_{size}_hybrid_{r18,r34,r50}`, `vit_{size}_hybrid_{r18,r34,r50}`: the ViT paper's hybrid,
   tokens from the first `hybrid_stages` (default 3, stride 16) stages of a ResNet;
-with size in tiny / small / base / large / huge and any patch size P.
+with size in mini (the CPU demo's: 128 wide, 6 blocks) / tiny / small / base / large / huge and any
+patch size P.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from mae_vit.layers import LN_EPS, Block, PatchEmbed, sincos_2d
 from mae_vit.models.hybrid import HybridEmbed
 
-SIZES = {  # name: (width D, depth, heads), ViT paper table 1 + DeiT's tiny/small
+SIZES = {  # name: (width D, depth, heads), ViT paper table 1 + DeiT's tiny/small + our CPU demo's mini
+    "mini": (128, 6, 4),
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
     "base": (768, 12, 12),
