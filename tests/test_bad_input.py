@@ -29,7 +29,7 @@ def test_validation_classes_beyond_the_head_are_refused_before_training(tmp_path
 
 @pytest.mark.parametrize("setting, words", [
     ("model.patch_size=5", "not divisible by the patch size 5"),
-    ("model.embed_dim=50", "width 50 is not divisible by 3 heads"),
+    ("model.embed_dim=50", "width 50 is not divisible by 4 heads"),
     ("model.mask_ratio=0", "nothing to learn"),
     ("optim.base_lr=.inf", "finite"),
     ("data.interpolation=lanczos", "nearest, bilinear, bicubic"),

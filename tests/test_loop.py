@@ -24,7 +24,8 @@ from mae_vit.train.schedule import lr_at
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.num_workers=0",
          "train.log_every=1"]
-MAE = [*MODEL, "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
+MAE = [*MODEL, "model.mask_ratio=0.75",
+       "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
        "train.vis_every=1000", "knn.vs_random=false"]
 RAN_OUT = "ran out before the planned end of the epoch"
 

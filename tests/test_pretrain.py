@@ -20,7 +20,8 @@ from mae_vit.train.rundir import RunDir, read_state
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = str(ROOT / "tools" / "pretrain.py")
 # a very small MAE: 48 wide, 2 deep, 16 px, patches of 4 (16 tokens, 4 visible), 1-block decoder
-TINY = ["model.img_size=16", "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.decoder_embed_dim=32",
+TINY = ["model.img_size=16", "model.patch_size=4", "model.mask_ratio=0.75",
+        "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.decoder_embed_dim=32",
         "model.decoder_depth=1", "model.decoder_num_heads=2",
         "data.batch_size=16", "data.num_workers=0", "optim.warmup_epochs=0", "train.log_every=2",
         "train.vis_every=1000"]

@@ -19,7 +19,8 @@ from mae_vit.train.run_config import user_set_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 # the run's architecture: none of it is the classifier tools' default (12 blocks of 192, 3 heads, 32 px)
-ARCH = ["model.img_size=16", "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.pos_embed=learned"]
+ARCH = ["model.name=mae_vit_tiny_patch4", "model.img_size=16", "model.embed_dim=64", "model.depth=2",
+        "model.num_heads=2", "model.pos_embed=learned"]
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 SHORT = ["data.batch_size=16", "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0", "train.max_steps=1"]
 
