@@ -46,7 +46,7 @@ class Pretrain(Task):
         self.cfg = cfg
         self.knn_top1 = self.probe = self.probe_top1 = self.probe_loss = None
         self.probe_loss_sum, self.probe_batches = 0.0, 0  # the head's cross-entropy this epoch (on the device)
-        self.eval_data = {}  # shards -> their evaluation batches: one loader each, its workers kept
+        self.eval_data = {}  # shards -> their evaluation batches, built once: in memory, or a loader with kept workers
 
     def eval_batches(self, urls: str):
         """Labelled batches of `urls` for evaluation (eval transform, file order); built once per set."""
