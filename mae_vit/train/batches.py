@@ -39,13 +39,15 @@ from mae_vit.train.schedule import Plan
 log = logging.getLogger("mae_vit")
 
 
-def transform_for(cfg: DictConfig, kind: str, img_size: int | None = None, crop_pct: float | None = None):
-    """The transform of `kind` (pretrain | finetune | linprobe | eval) for `cfg`'s model and data sections."""
+def transform_for(cfg: DictConfig, kind: str, img_size: int | None = None, crop_pct: float | None = None,
+                  normalise: bool = True):
+    """The transform of `kind` (pretrain | finetune | linprobe | eval) for `cfg`'s model and data sections
+    (`normalise=False`, eval only: uint8 pixels, for sets kept in memory and normalised per batch)."""
     m, d = cfg.model, cfg.data
     size = img_size or m.img_size
     common = dict(in_chans=m.in_chans, mean=list(d.mean), std=list(d.std), interpolation=d.interpolation)
     if kind == "eval":
-        return eval_transform(size, crop_pct=crop_pct or d.crop_pct, **common)
+        return eval_transform(size, crop_pct=crop_pct or d.crop_pct, normalise=normalise, **common)
     crop = dict(crop_scale=tuple(d.crop_scale), hflip=d.hflip)
     if kind == "pretrain":
         return pretrain_transform(size, **common, **crop)
@@ -182,9 +184,8 @@ def eval_batches(urls: str, cfg: DictConfig, *, accelerator, img_size: int | Non
     if not cfg.data.get("in_memory", False):
         return ShardBatches(urls, cfg, transform_for(cfg, "eval", img_size), accelerator=accelerator, train=False)
     m, d = cfg.model, cfg.data
-    pixels = eval_transform(img_size or m.img_size, in_chans=m.in_chans, crop_pct=d.crop_pct,
-                            interpolation=d.interpolation, normalise=False)
-    images, targets = decode_all(urls, m.in_chans, labels=True, num_classes=m.get("num_classes"), transform=pixels)
+    images, targets = decode_all(urls, m.in_chans, labels=True, num_classes=m.get("num_classes"),
+                                 transform=transform_for(cfg, "eval", img_size, normalise=False))
     device = accelerator.device
     return NormalisedBatches(images.to(device), targets.to(device), mean=d.mean, std=d.std, batch_size=d.batch_size,
                              rank=accelerator.process_index, world_size=accelerator.num_processes, train=False)
