@@ -215,3 +215,19 @@ def test_feature_cache_probe_evaluates_data_test_once_with_the_best_val_epoch_we
     top1 = (logits.argmax(1) == batch["label"]).float().mean().item() * 100
     assert metrics["test"]["top1"] == pytest.approx(top1)
     assert metrics["test"]["loss"] == pytest.approx(F.cross_entropy(logits, batch["label"]).item(), rel=1e-4)
+
+
+def test_a_probe_on_mean_pooled_tokens_reads_the_layer_normed_mean_of_the_patch_tokens_and_trains_only_the_head(
+        shards, tmp_path, mae16):
+    cfg = cfg_for(tmp_path, shards, "model.global_pool=true")
+    probe, report = build_probe(cfg.model, num_classes=10, pretrained=read_pretrained(str(mae16)))
+    assert set(report.missing) == HEAD - {"head.0.num_batches_tracked"} | {"fc_norm.weight", "fc_norm.bias"}
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["module.head.1.weight", "module.head.1.bias"]
+    encoder = create_model("vit_tiny_patch4", img_size=16, num_classes=0, global_pool=False, **SIZE).eval()
+    load_weights(encoder, mae16)
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        tokens = encoder.run_blocks(encoder.prepend_cls(encoder.embed(images)))  # (4, 1 + 16, 48), no final norm
+        expected = F.layer_norm(tokens[:, 1:].mean(dim=1), (48,), eps=1e-6)  # fc_norm as initialised: weight 1, bias 0
+    probe.train()
+    assert torch.allclose(probe.features(images), expected, atol=1e-5)
