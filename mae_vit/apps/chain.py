@@ -54,7 +54,7 @@ _CPU_LINPROBE = [*_CPU_MODEL, "feature_cache=true", "data.batch_size=1024", "dat
                  "optim.epochs=90", "optim.warmup_epochs=10", "train.mixed_precision=auto", "train.save_every=5000",
                  "train.log_every=50"]
 PRESETS = {
-    "cpu": {  # 51.4 min on a 2-core CPU with AMX (bf16), about 95 in fp32 on a 2-core AMD EPYC; figures: README
+    "cpu": {  # about 95 min in fp32 on a 2-core AMD EPYC; before the held-out split 51.4 in bf16 with AMX; README
         # pretraining: the paper's mask 0.75. Mask 0.5 for 8 epochs (28 min vs 31 here: 25 visible patches, not 12)
         # lost on held-out val: fine-tuned 91.8% vs 92.6, probe 84.4 vs 85.7 (5,000 images prefer 0.5: small_data)
         "pretrain": [*_CPU_MODEL, "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4",
