@@ -153,6 +153,23 @@ def test_the_small_preset_runs_the_small_data_recipes_with_fashion_mnists_data_k
     assert linprobe[linprobe.index("--config") + 1].endswith("linprobe/fashion_mnist.yaml")
 
 
+def test_the_gpu_preset_parses_for_each_tool_and_fits_both_training_stages_to_a_time_budget(tmp_path):
+    from mae_vit.config import FinetuneConfig, LinprobeConfig, PretrainConfig, parse_config
+
+    urls = {"train": "/d/fit/shard-{000000..000054}.tar", "val": "/d/val/shard-{000000..000004}.tar",
+            "test": "/d/test/shard-{000000..000009}.tar"}
+    stages = {s.name: s for s in chain.plan("gpu", tmp_path, urls)}
+    schemas = {"pretrain": PretrainConfig, "linprobe": LinprobeConfig, "finetune_mae": FinetuneConfig,
+               "finetune_scratch": FinetuneConfig}
+    cfgs = {name: parse_config(schema, stages[name].args[:-2]) for name, schema in schemas.items()}  # no --output-dir
+    assert (cfgs["pretrain"].optim.time_budget, cfgs["finetune_mae"].optim.time_budget) == ("3m", "75s")
+    assert cfgs["finetune_scratch"].optim == cfgs["finetune_mae"].optim  # the comparison is at the same budget
+    for name in ("finetune_mae", "finetune_scratch"):  # augmented on the GPU: crop, flip, nothing the loader does
+        cfg = cfgs[name]
+        assert cfg.data.in_memory and (cfg.augment.randaug_num_ops, cfg.augment.reprob) == (0, 0), name
+    assert cfgs["linprobe"].model.global_pool and cfgs["linprobe"].feature_cache
+
+
 def test_a_chain_folder_whose_finished_stages_ran_other_commands_is_refused(tmp_path):
     from mae_vit.errors import ConfigError
 

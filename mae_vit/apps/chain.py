@@ -79,13 +79,19 @@ PRESETS = {
         "finetune": ["train.mixed_precision=auto"],
         "linprobe": _CPU_LINPROBE,
     },
-    "gpu": {  # about 10 minutes on one H100/H200 (not yet measured: see the README)
-        "pretrain": ["optim.base_lr=1.5e-4", "optim.epochs=100", "optim.warmup_epochs=5", "data.batch_size=512",
-                     "data.in_memory=true", "train.mixed_precision=bf16", "knn.every=0"],
-        "finetune": ["optim.epochs=20", "optim.warmup_epochs=2", "data.batch_size=256", "data.num_workers=16",
-                     "augment.mixup=0", "augment.cutmix=0", "train.mixed_precision=bf16"],
-        "linprobe": ["feature_cache=true", "optim.lr=6.4", "data.batch_size=1024", "data.num_workers=16",
-                     "train.mixed_precision=bf16"],
+    "gpu": {  # 8.7 min on one H200 (README): each training stage fits its schedule to a time budget
+        # One run, nothing tuned on a GPU. Batches of 1024 / 512: ViT-Tiny on 49 patches is far from the GPU's
+        # arithmetic (25,000 / 11,000 img/s measured: 88 pretraining epochs, 11-12 of fine-tuning). Fine-tuning:
+        # crop + flip on the GPU, layer decay 0.9 (the cpu preset's held-out trials: weak augmentation and 0.9
+        # over 0.75 at short budgets). Held-out val: kNN 86.2, probe 87.2, fine-tuned 91.7 vs 87.2 from scratch.
+        "pretrain": ["optim.time_budget=3m", "optim.epochs=200", "optim.warmup_epochs=10", "data.batch_size=1024",
+                     "data.in_memory=true", "train.mixed_precision=bf16", "knn.every=0", "train.log_every=100"],
+        "finetune": ["optim.time_budget=75s", "optim.epochs=50", "optim.warmup_epochs=3", "data.batch_size=512",
+                     "data.in_memory=true", "data.crop_scale=[0.5,1.0]", "optim.layer_decay=0.9",
+                     "augment.randaug_num_ops=0", "augment.reprob=0", "augment.mixup=0", "augment.cutmix=0",
+                     "train.mixed_precision=bf16", "train.log_every=100"],
+        "linprobe": ["feature_cache=true", "optim.lr=6.4", "data.batch_size=1024", "data.num_workers=8",
+                     "model.global_pool=true", "train.mixed_precision=bf16"],
     },
 }
 

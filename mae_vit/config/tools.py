@@ -211,8 +211,8 @@ class ChainConfig:
     FLAGS: Flags = {"--preset": ("preset", "NAME"), "--output-dir": ("output_dir", "DIR"),
                     "--data-dir": ("data_dir", "DIR"), "--val-samples": ("val_samples", "N"),
                     "--train-samples": ("train_samples", "N")}
-    preset: str = key("cpu", "cpu (about 50 min on 2 cores with AMX) | small (the small-data recipes, for "
-                      "--train-samples 5000) | gpu (about 10 min on one H100)", one_of("cpu", "small", "gpu"))
+    preset: str = key("cpu", "cpu (about 95 min in fp32 on 2 cores) | small (the small-data recipes, for "
+                      "--train-samples 5000) | gpu (8.7 min on one H200)", one_of("cpu", "small", "gpu"))
     output_dir: Optional[str] = key(None, "runs and report; None = runs/fashion_mnist_<preset>[_<train_samples>]")
     data_dir: str = key("data/fashion-mnist", "the shards are written here once: test/ and heldout-<val_samples>-"
                         "seed<split_seed>/ (val/, fit/ or fit-<train_samples>/)")
