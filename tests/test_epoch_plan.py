@@ -36,3 +36,25 @@ def test_a_share_a_little_short_is_read_again_to_fill_the_epoch(caplog):
 def test_a_share_far_short_of_the_plan_stops_with_a_clear_error():
     with pytest.raises(DataError, match="gave 3 of the 16 batches the plan counts on"):
         steps(Share(3), steps_per_epoch=8, accum=2)
+
+
+class LossyShare(Share):
+    """A share whose batch 2 comes with `lost` unreadable samples counted in it, on every pass."""
+
+    def __init__(self, real: int, lost: int):
+        super().__init__(real)
+        self.lost = lost
+
+    def batches(self, epoch: int = 0, skip: int = 0):
+        for batch in super().batches(epoch, skip):
+            yield {**batch, "skipped": self.lost if batch["i"] == 2 else 0,
+                   "skipped_shards": int(batch["i"] == 2)}
+
+
+def test_samples_lost_again_while_the_share_is_read_again_are_counted_once():
+    plan = SimpleNamespace(first_step=0, steps_per_epoch=8, accum=1)
+    batches = [micro[0] for _, micro in zip(range(16), step_batches(LossyShare(real=5, lost=6), plan))]
+    # epoch 0: batches 0-4, then 0, 1, 2 again (batch 2 loses its 6 samples again); epoch 1 likewise
+    assert [b["i"] for b in batches] == [0, 1, 2, 3, 4, 0, 1, 2] * 2
+    assert sum(b["skipped"] for b in batches) == 2 * 6  # 6 per epoch, not 12
+    assert sum(b["skipped_shards"] for b in batches) == 2

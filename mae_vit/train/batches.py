@@ -260,7 +260,8 @@ def step_batches(data, plan: Plan) -> Iterator[list[dict]]:
 
 
 def _epoch_batches(data, epoch: int, skip: int, planned: int) -> Iterator[dict]:
-    """This process's batches of `epoch` after the first `skip`; then its share again, as long as needed.
+    """This process's batches of `epoch` after the first `skip`; then its share again, as long as needed (the samples
+    it cannot read count as skipped on the first pass only).
     DataError when the share holds less than half of the `planned` batches: the plan was wrong, not a few samples."""
     got = skip
     for batch in data.batches(epoch, skip):
@@ -279,7 +280,8 @@ def _epoch_batches(data, epoch: int, skip: int, planned: int) -> Iterator[dict]:
         count = 0
         for batch in data.batches(epoch, 0):
             count += 1
-            yield batch
+            # this epoch's unreadable samples were counted on the first pass: a second reading loses none of its data
+            yield {**batch, "skipped": 0, "skipped_shards": 0} if "skipped" in batch else batch
         if count == 0:
             raise DataError("no readable samples left in this process's share of the training data; check the data "
                             "(see the warnings above).")
