@@ -64,7 +64,7 @@ class TrainState:
     samples_seen: int = 0         # training samples behind those steps, all processes together
     samples_per_epoch: int = 0    # the schedule's epoch, fixed when the run first starts (0: not yet)
     layout: dict = field(default_factory=dict)  # processes, batch size, accumulation, workers when saved
-    skipped_samples: int = 0      # unreadable samples passed over
+    skipped_samples: int = 0      # unreadable samples passed over (once an epoch)
     first_loss: float | None = None
     last_loss: float | None = None
     budget: dict | None = None    # optim.time_budget: {"seconds", "step_s", "steps"}, fixed after measuring
