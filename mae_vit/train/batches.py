@@ -281,7 +281,7 @@ def _epoch_batches(data, epoch: int, skip: int, planned: int) -> Iterator[dict]:
         for batch in data.batches(epoch, 0):
             count += 1
             # this epoch's unreadable samples were counted on the first pass: a second reading loses none of its data
-            yield {**batch, "skipped": 0, "skipped_shards": 0} if "skipped" in batch else batch
+            yield {**batch, "skipped": 0, "skipped_shards": 0}
         if count == 0:
             raise DataError("no readable samples left in this process's share of the training data; check the data "
                             "(see the warnings above).")
